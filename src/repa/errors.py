@@ -1,0 +1,110 @@
+"""The exceptions `repa` raises.
+
+Every error derives from :class:`REPAError` and from the built-in exception a user would
+naturally catch (``ValueError``, ``TypeError``, ``FileNotFoundError``, ``RuntimeError``), so both
+``except repa.errors.REPAError`` and ``except ValueError`` work. Messages name the bad value,
+what was expected, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "REPAError",
+    "ConfigError",
+    "UnknownNameError",
+    "LayerNotFoundError",
+    "HiddenDimError",
+    "InputRangeError",
+    "ShapeMismatchError",
+    "GridMismatchError",
+    "CaptureError",
+    "StateDictError",
+    "WeightsNotFoundError",
+    "CheckpointError",
+    "DataNotFoundError",
+    "CacheError",
+    "CacheMismatchError",
+    "CorruptCacheError",
+    "MissingDependencyError",
+]
+
+
+class REPAError(Exception):
+    """Base class of every error raised by `repa`."""
+
+
+class ConfigError(REPAError, ValueError):
+    """An argument or option has an invalid value."""
+
+
+class UnknownNameError(ConfigError):
+    """A registry name (encoder, projector, loss, schedule, model, ...) does not exist."""
+
+
+class LayerNotFoundError(ConfigError):
+    """A ``layers=`` entry matches no module of the model."""
+
+
+class HiddenDimError(ConfigError):
+    """The width of a hooked module cannot be inferred; pass ``hidden_dim=``."""
+
+
+class InputRangeError(ConfigError):
+    """Images are outside the declared ``input_range``."""
+
+
+class ShapeMismatchError(ConfigError):
+    """A tensor has a shape other than the one expected."""
+
+
+class GridMismatchError(ShapeMismatchError):
+    """The model's token grid and the encoder's token grid differ and ``mismatch="error"``."""
+
+
+class CaptureError(REPAError, RuntimeError):
+    """A hooked layer produced no usable capture (not run, or run without grad)."""
+
+
+class StateDictError(REPAError, RuntimeError):
+    """A state dict or saved regularizer does not match the module it is loaded into."""
+
+
+class WeightsNotFoundError(REPAError, FileNotFoundError):
+    """Pretrained weights are not available locally (and the network may not be used)."""
+
+
+class CheckpointError(REPAError, RuntimeError):
+    """A training checkpoint is missing, incomplete or incompatible."""
+
+
+class DataNotFoundError(REPAError, FileNotFoundError):
+    """A dataset folder or file does not exist or holds no usable data."""
+
+
+class CacheError(REPAError, RuntimeError):
+    """Base class of feature-cache errors."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """A feature cache was made for another encoder, resolution or dtype than requested."""
+
+
+class CorruptCacheError(CacheError, OSError):
+    """A feature-cache shard is missing or its checksum does not match the index."""
+
+
+class MissingDependencyError(REPAError, ImportError):
+    """An optional dependency is not installed; the message gives the install command."""
+
+
+def require(module: str, extra: str | None = None):
+    """Import an optional dependency or raise :class:`MissingDependencyError` with a hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        hint = f'pip install "repa[{extra}]"' if extra else f"pip install {module.split('.')[0]}"
+        raise MissingDependencyError(
+            f"{module!r} is required for this feature but is not installed; install it with: {hint}"
+        ) from exc
