@@ -1,3 +1,28 @@
-"""repa: REPresentation Alignment (arXiv 2410.06940) as a drop-in regularizer for diffusion models."""
+"""repa: REPresentation Alignment (arXiv 2410.06940) as a drop-in regularizer for diffusion models.
+
+    from repa import REPARegularizer
+    reg = REPARegularizer(model, layers="blocks.7", encoders="dinov2-vit-b")
+    loss = diffusion_loss + reg(clean_images)   # after the model's forward on x_t
+
+Importing ``repa`` loads neither timm nor huggingface-hub and downloads nothing.
+"""
 
 __version__ = "0.1.0"
+
+from . import errors, schedules  # noqa: E402
+from .losses import build_loss  # noqa: E402
+from .projectors import build_projector  # noqa: E402
+from .presets import ModelPreset, register_preset  # noqa: E402
+from .regularizer import REPAOutput, REPARegularizer  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "REPARegularizer",
+    "REPAOutput",
+    "ModelPreset",
+    "register_preset",
+    "build_loss",
+    "build_projector",
+    "errors",
+    "schedules",
+]

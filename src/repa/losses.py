@@ -1,0 +1,165 @@
+"""Alignment losses between projected hidden states and encoder targets.
+
+Every loss maps ``pred`` (B, N, D) and ``target`` (B, N, D) to a scalar and is computed in
+float32 whatever the autocast dtype: REPA's reference normalized in fp16 and produced NaN
+losses after 70-160K steps (its issue #46); upcasting first fixes it.
+
+Names: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"`` (VA-VAE),
+``"relation"`` (VideoREPA-style token relations). :func:`build_loss` also accepts a callable.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, UnknownNameError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "cosine_alignment",
+    "nt_xent_alignment",
+    "smooth_l1_alignment",
+    "mse_alignment",
+    "vf_alignment",
+    "relation_alignment",
+    "mean_cosine_similarity",
+    "zscore_targets",
+    "build_loss",
+    "LOSSES",
+]
+
+
+def _fp32(*xs: torch.Tensor):
+    return tuple(x.float() for x in xs)
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def mean_cosine_similarity(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and tokens of cos(pred[b, n], target[b, n]), in fp32."""
+    pred, target = _fp32(pred, target)
+    return (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(-1).mean()
+
+
+def cosine_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """REPA's L = -(1/N) sum_n cos(pred[n], target[n]), averaged over the batch (negative by design)."""
+    return -mean_cosine_similarity(pred, target)
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def nt_xent_alignment(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Patch-wise InfoNCE across the batch.
+
+    For each token position n, pred[b, n] must pick target[b, n] among target[:, n] of the
+    whole batch: cross-entropy over logits cos(pred[b, n], target[b', n]) / temperature.
+    """
+    pred, target = _fp32(pred, target)
+    p = F.normalize(pred, dim=-1).transpose(0, 1)  # (N, B, D)
+    t = F.normalize(target, dim=-1).transpose(0, 1)  # (N, B, D)
+    logits = p @ t.transpose(1, 2) / temperature  # (N, B, B)
+    n, b, _ = logits.shape
+    labels = torch.arange(b, device=logits.device).expand(n, b)  # (N, B)
+    return F.cross_entropy(logits.reshape(n * b, b), labels.reshape(-1))
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def smooth_l1_alignment(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Smooth-L1 between raw features (SRA's choice), mean over all elements."""
+    pred, target = _fp32(pred, target)
+    return F.smooth_l1_loss(pred, target, beta=beta)
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def mse_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw features, mean over all elements."""
+    pred, target = _fp32(pred, target)
+    return F.mse_loss(pred, target)
+
+
+def _token_cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x, dim=-1)
+    return x @ x.transpose(1, 2)  # (B, N, N)
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def vf_alignment(
+    pred: torch.Tensor, target: torch.Tensor, margin_cos: float = 0.5, margin_dist: float = 0.25
+) -> torch.Tensor:
+    """VA-VAE's vision-foundation loss: margin cosine plus margin distance-matrix terms.
+
+    relu(1 - m_cos - cos(z_i, f_i)) averaged over tokens, plus
+    relu(|cos(z_i, z_j) - cos(f_i, f_j)| - m_dist) averaged over token pairs of each image.
+    """
+    pred, target = _fp32(pred, target)
+    cos = (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(-1)  # (B, N)
+    l_cos = F.relu(1.0 - margin_cos - cos).mean()
+    diff = (_token_cosine_matrix(pred) - _token_cosine_matrix(target)).abs()  # (B, N, N)
+    l_dist = F.relu(diff - margin_dist).mean()
+    return l_cos + l_dist
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def relation_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Match token-to-token cosine-similarity matrices (VideoREPA's relation distillation): MSE."""
+    pred, target = _fp32(pred, target)
+    return F.mse_loss(_token_cosine_matrix(pred), _token_cosine_matrix(target))
+
+
+def zscore_targets(target: torch.Tensor, alpha: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalization of targets (B, N, D), per channel over tokens.
+
+    y <- (y - alpha * mean_n(y)) / (std_n(y) + eps). Done in fp32.
+    """
+    y = target.float()
+    mean = y.mean(dim=1, keepdim=True)  # (B, 1, D)
+    std = y.std(dim=1, keepdim=True, unbiased=False)  # (B, 1, D)
+    return (y - alpha * mean) / (std + eps)
+
+
+LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
+    "cosine": cosine_alignment,
+    "nt-xent": nt_xent_alignment,
+    "smooth-l1": smooth_l1_alignment,
+    "mse": mse_alignment,
+    "vf": vf_alignment,
+    "relation": relation_alignment,
+}
+
+# constructor keyword of REPARegularizer -> (loss name, keyword of the loss function)
+LOSS_OPTIONS: Dict[str, Dict[str, str]] = {
+    "nt-xent": {"temperature": "temperature"},
+    "smooth-l1": {"beta": "beta"},
+    "vf": {"margin_cos": "margin_cos", "margin_dist": "margin_dist"},
+}
+
+
+def build_loss(loss: str | LossFn, options: Optional[Dict[str, Any]] = None) -> LossFn:
+    """Return the loss function for a name (with its options bound) or pass a callable through."""
+    options = dict(options or {})
+    if callable(loss):
+        if options:
+            raise ConfigError(f"loss options {sorted(options)} only apply to named losses, not to a callable")
+        return loss
+    if not isinstance(loss, str) or loss.lower() not in LOSSES:
+        raise UnknownNameError(
+            f"unknown loss {loss!r}; choose from {sorted(LOSSES)} or pass a callable (pred, target) -> scalar"
+        )
+    name = loss.lower()
+    allowed = LOSS_OPTIONS.get(name, {})
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ConfigError(
+            f"option(s) {bad} do not apply to loss {name!r}; it accepts {sorted(allowed) or 'no options'}"
+        )
+    fn = LOSSES[name]
+    return functools.partial(fn, **{allowed[k]: v for k, v in options.items()}) if options else fn

@@ -1,0 +1,700 @@
+"""REPARegularizer: REPA as one added line in any diffusion training loop.
+
+    reg = REPARegularizer(model, layers="blocks.7", encoders="dinov2-vit-b")
+    ...
+    pred = model(x_t, t, y)                      # forward hooks capture blocks.7's output
+    loss = F.mse_loss(pred, target) + reg(x)     # x: the clean images
+
+The pipeline of one call: captured hidden states (B, N, D) -> image-token selection ->
+projector (B, N, D_e) -> alignment loss against the frozen encoder's patch tokens of the
+clean images (B, N_e, D_e), resampled to the model's grid when they differ -> mean over
+(layer, encoder) pairs -> times ``weight(step)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .capture import CaptureHook, LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
+from .errors import (
+    CaptureError,
+    ConfigError,
+    GridMismatchError,
+    InputRangeError,
+    ShapeMismatchError,
+    StateDictError,
+)
+from .grid import Grid, as_grid, flatten_feature_map, infer_grid, resample_tokens
+from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
+from .presets import ModelPreset, preset_for
+from .projectors import build_projector
+from .schedules import Schedule, WeightLike, as_schedule, from_dict
+
+__all__ = ["REPARegularizer", "REPAOutput"]
+
+CONFIG_NAME = "repa_config.json"
+WEIGHTS_NAME = "repa_projectors.safetensors"
+
+EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
+
+# keyword options of the pieces, accepted as constructor keywords
+_LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
+_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS]
+
+
+class REPAOutput(NamedTuple):
+    """What ``reg(..., return_breakdown=True)`` returns.
+
+    Attributes:
+        total: ``weight * loss``, the term to add to the diffusion loss (scalar, with grad).
+        loss: the unweighted alignment loss, mean over (layer, encoder) pairs.
+        weight: the weight used at this step.
+        cosine: mean cosine similarity per pair, keyed ``"layer/encoder"`` (detached scalars).
+    """
+
+    total: torch.Tensor
+    loss: torch.Tensor
+    weight: float
+    cosine: Dict[str, torch.Tensor]
+
+
+class _FeatureOnlyEncoder:
+    """Stands in for an encoder whose targets always come precomputed (``features=``)."""
+
+    def __init__(self, name: str, embed_dim: int) -> None:
+        self.name = name
+        self.embed_dim = embed_dim
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(
+            f"encoder {self.name!r} was given as a width only ({self.embed_dim}); it cannot encode images. "
+            "Pass its targets with reg(features=...), or pass the encoder itself"
+        )
+
+
+def _freeze(encoder: Any) -> Any:
+    if isinstance(encoder, nn.Module):
+        encoder.eval()
+        encoder.requires_grad_(False)
+    return encoder
+
+
+def _encoder_dim(encoder: Any, name: str) -> int:
+    for attr in ("embed_dim", "num_features", "out_dim"):
+        value = getattr(encoder, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    try:  # one probe forward on a blank 224px image
+        device = next(encoder.parameters()).device if isinstance(encoder, nn.Module) else "cpu"
+        with torch.no_grad():
+            out = encoder(torch.zeros(1, 3, 224, 224, device=device))
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot find the output width of encoder {name!r}: it has no embed_dim attribute and a probe "
+            f"forward on a (1, 3, 224, 224) image failed ({exc}); set encoder.embed_dim = <int>"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim not in (3, 4):
+        raise ConfigError(f"encoder {name!r} must return tokens (B, N, D) or a feature map (B, D, h, w)")
+    return int(out.shape[-1] if out.ndim == 3 else out.shape[1])
+
+
+def _default_name(encoder: Any) -> str:
+    name = getattr(encoder, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(encoder).__name__.lower()
+
+
+def _per_layer(value: Any, layer: str, what: str, layers: Sequence[str]) -> Any:
+    """Pick a layer's entry from a dict option, or return the shared value."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(layers))
+        if unknown:
+            raise ConfigError(f"{what} has entries for unknown layers {unknown}; hooked layers are {list(layers)}")
+        return value.get(layer)
+    return value
+
+
+class REPARegularizer(nn.Module):
+    """Representation alignment (REPA) as a regularizer attached to any model by forward hooks.
+
+    Args:
+        model: the diffusion model (may be wrapped in DDP or ``torch.compile`` later; attach
+            before compiling).
+        layers: which outputs to align: a module name as ``model.named_modules()`` prints it
+            (``"blocks.7"``), a regex, an int into the model's block list (0-based:
+            REPA's ``--encoder-depth 8`` is ``layers=7``), or a list of these.
+        encoders: a registry name (``"dinov2-vit-b"``), any ``nn.Module``/callable mapping float
+            images (B, 3, H, W) in [0, 1] to tokens (B, N, D) or a feature map (B, D, h, w), an
+            int (the width of targets that always come precomputed via ``features=``), or a
+            list / dict (name -> encoder) of these. Encoders are frozen and never part of
+            ``parameters()`` or ``state_dict()``.
+        weight: lambda (REPA: 0.5), a schedule from :mod:`repa.schedules` or ``step -> float``.
+        projector: ``"mlp"`` (REPA), ``"linear"``, ``"conv"`` (iREPA) or ``(in, out) -> nn.Module``.
+        projector_dim: hidden width of the MLP projector (REPA: 2048).
+        loss: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"``,
+            ``"relation"`` or ``(pred, target) -> scalar``.
+        tokens: which tokens of a hooked output are image tokens: ``None`` (all, or the model
+            preset's choice), a slice, a callable on the raw output, or a dict layer -> one of these.
+        grid: the model's token grid ``(h, w)`` (or a dict layer -> grid); inferred when square.
+        mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
+            raises :class:`~repa.errors.GridMismatchError`.
+        input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
+        hidden_dim: width of the hooked outputs (int or dict layer -> int) when it cannot be
+            inferred from the hooked module's parameters.
+        encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
+        resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
+            (resample projected model tokens to the encoder grid, as U-REPA does).
+        check_inputs: check the float image range each call (one host sync).
+        **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
+            (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
+            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayersLike,
+        encoders: Union[EncoderLike, Sequence[EncoderLike], Dict[str, EncoderLike]] = "dinov2-vit-b",
+        *,
+        weight: WeightLike = 0.5,
+        projector: Union[str, Callable[[int, int], nn.Module]] = "mlp",
+        projector_dim: int = 2048,
+        loss: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "cosine",
+        tokens: Any = None,
+        grid: Any = None,
+        mismatch: str = "interpolate",
+        input_range: Tuple[float, float] = (0.0, 1.0),
+        hidden_dim: Union[int, Dict[str, int], None] = None,
+        encoder_kwargs: Optional[Dict[str, Any]] = None,
+        resample: Optional[str] = None,
+        check_inputs: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(_OPTION_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_OPTION_KEYS}")
+        if mismatch not in ("interpolate", "error"):
+            raise ConfigError(f"mismatch must be 'interpolate' or 'error', got {mismatch!r}")
+        lo, hi = (float(v) for v in input_range)
+        if not lo < hi:
+            raise ConfigError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+        target_norm = options.pop("target_norm", None)
+        if target_norm not in (None, "zscore"):
+            raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
+        alpha = float(options.pop("alpha", 0.6))
+        kernel_size = options.pop("kernel_size", None)
+        loss_options = {k: options.pop(k) for k in list(options)}
+
+        base = unwrap_model(model)
+        self._preset: Optional[ModelPreset] = preset_for(base)
+        resample = resample or (self._preset.resample if self._preset else "target")
+        if resample not in ("target", "model"):
+            raise ConfigError(f"resample must be 'target' or 'model', got {resample!r}")
+
+        blocks = self._preset.blocks(base) if self._preset else None
+        resolved = resolve_layers(base, layers, blocks=blocks)
+        self.layer_names: List[str] = [name for name, _ in resolved]
+
+        # encoders: frozen, held outside the module tree (never in parameters/state_dict/DDP)
+        enc_list, self.encoder_names = self._build_encoders(encoders, encoder_kwargs or {})
+        self._encoders: List[Any] = enc_list
+        self.encoder_dims: List[int] = [_encoder_dim(e, n) for e, n in zip(enc_list, self.encoder_names)]
+
+        # hooked widths
+        self.hidden_dims: Dict[str, int] = {}
+        for name, module in resolved:
+            dim = _per_layer(hidden_dim, name, "hidden_dim", self.layer_names)
+            if dim is None and self._preset and self._preset.hidden_dim:
+                dim = self._preset.hidden_dim(base, name)
+            self.hidden_dims[name] = int(dim) if dim is not None else infer_hidden_dim(module, name)
+
+        self.pairs: List[Tuple[str, str]] = [(l, e) for l in self.layer_names for e in self.encoder_names]
+        self.projectors = nn.ModuleList(
+            build_projector(
+                projector,
+                self.hidden_dims[layer],
+                self.encoder_dims[self.encoder_names.index(enc)],
+                projector_dim=projector_dim,
+                kernel_size=kernel_size,
+            )
+            for layer, enc in self.pairs
+        )
+        self.loss_fn = build_loss(loss, loss_options)
+        self.weight_fn = as_schedule(weight)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_step())
+
+        self._tokens = {n: self._token_selector(tokens, n, base) for n in self.layer_names}
+        self._grids = {n: _per_layer(grid, n, "grid", self.layer_names) for n in self.layer_names}
+        self._grids = {n: (as_grid(g) if g is not None else None) for n, g in self._grids.items()}
+        self.mismatch = mismatch
+        self.resample = resample
+        self.input_range = (lo, hi)
+        self.target_norm = target_norm
+        self.alpha = alpha
+        self.check_inputs = check_inputs
+        self._config = {
+            "layers": self.layer_names,
+            "encoders": self.encoder_names,
+            "encoder_dims": self.encoder_dims,
+            "hidden_dims": self.hidden_dims,
+            "weight": self._weight_config(weight),
+            "projector": projector if isinstance(projector, str) else None,
+            "projector_dim": projector_dim,
+            "loss": loss if isinstance(loss, str) else None,
+            "grid": {n: list(g) for n, g in self._grids.items() if g is not None} or None,
+            "mismatch": mismatch,
+            "input_range": [lo, hi],
+            "resample": resample,
+            "options": {
+                k: v
+                for k, v in {"target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options}.items()
+                if v is not None
+            },
+        }
+
+        # capture state (plain attributes: not module state)
+        self._captures: Dict[str, Any] = {}
+        self._ran_without_grad: set = set()
+        self._capture_enabled = True
+        self._handles = [module.register_forward_hook(CaptureHook(name, self)) for name, module in resolved]
+        self._model_ref = [base]  # a list, so the model is not registered as a submodule
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _build_encoders(encoders: Any, kwargs: Dict[str, Any]) -> Tuple[List[Any], List[str]]:
+        if isinstance(encoders, dict):
+            items = list(encoders.items())
+        elif isinstance(encoders, (list, tuple)):
+            items = [(None, e) for e in encoders]
+        else:
+            items = [(None, encoders)]
+        if not items:
+            raise ConfigError("encoders= is empty; pass at least one encoder, e.g. encoders='dinov2-vit-b'")
+        built, names = [], []
+        for key, enc in items:
+            if isinstance(enc, str):
+                from .encoders import create_encoder
+
+                name = key or enc
+                enc = create_encoder(enc, **kwargs)
+            elif isinstance(enc, int) and not isinstance(enc, bool):
+                name = key or f"encoder{len(built)}"
+                enc = _FeatureOnlyEncoder(name, enc)
+            elif callable(enc):
+                name = key or _default_name(enc)
+            else:
+                raise ConfigError(
+                    f"encoders entries must be registry names, nn.Modules, callables or ints (feature widths), "
+                    f"got {enc!r} ({type(enc).__name__})"
+                )
+            base, i = name, 1
+            while name in names:
+                i += 1
+                name = f"{base}_{i}"
+            built.append(_freeze(enc))
+            names.append(name)
+        return built, names
+
+    def _token_selector(self, tokens: Any, layer: str, base: nn.Module) -> Any:
+        sel = _per_layer(tokens, layer, "tokens", self.layer_names)
+        if sel is None and self._preset and self._preset.tokens:
+            sel = self._preset.tokens(base, layer)
+        if sel is not None and not isinstance(sel, slice) and not callable(sel):
+            raise ConfigError(f"tokens must be None, a slice or a callable (or a dict layer -> one), got {sel!r}")
+        return sel
+
+    @staticmethod
+    def _weight_config(weight: Any) -> Any:
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            return float(weight)
+        if isinstance(weight, Schedule):
+            return weight.to_dict()
+        return None  # an arbitrary callable cannot be saved
+
+    # ------------------------------------------------------------------ public properties
+    @property
+    def encoders(self) -> List[Any]:
+        """The frozen encoders, in the order of :attr:`encoder_names`."""
+        return list(self._encoders)
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The JSON-serializable configuration written by :meth:`save_pretrained`."""
+        return json.loads(json.dumps(self._config))
+
+    def weight_at(self, step: Optional[int] = None) -> float:
+        """The alignment weight at ``step`` (default: the current step)."""
+        return float(self.weight_fn(self._step if step is None else int(step)))
+
+    # ------------------------------------------------------------------ capture lifecycle
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["REPARegularizer"]:
+        """Within this block nothing is captured (e.g. sampling or evaluation forwards)."""
+        previous = self._capture_enabled
+        self._capture_enabled = False
+        try:
+            yield self
+        finally:
+            self._capture_enabled = previous
+
+    def remove(self) -> None:
+        """Detach every hook from the model. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._captures.clear()
+
+    def __enter__(self) -> "REPARegularizer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def clear(self) -> None:
+        """Drop any captured activations without computing a loss."""
+        self._captures.clear()
+        self._ran_without_grad.clear()
+
+    def attach_to(self, model: nn.Module, name: str = "repa_projectors") -> nn.Module:
+        """Register the projectors as a submodule of ``model``.
+
+        For setups that wrap, shard, checkpoint or average ONE module (FSDP, accelerate, EMA):
+        the projectors then travel with the model. Use only ``model.parameters()`` in the
+        optimizer afterwards (they already include the projectors).
+        """
+        target = unwrap_model(model)
+        existing = getattr(target, name, None)
+        if existing is self.projectors:
+            return model
+        if existing is not None:
+            raise ConfigError(f"{type(target).__name__} already has an attribute {name!r}; pass another name=")
+        target.add_module(name, self.projectors)
+        return model
+
+    def _sync_step(self) -> None:
+        self._step = int(self.step.item())
+
+    def _take_captures(self) -> Dict[str, Any]:
+        captures = {}
+        for name in self.layer_names:
+            if name not in self._captures:
+                if name in self._ran_without_grad:
+                    self.clear()
+                    raise CaptureError(
+                        f"layer {name!r} ran with gradients disabled, so nothing was captured: run the model's "
+                        "forward with grad enabled before calling reg(). With activation checkpointing, use "
+                        "use_reentrant=False (reentrant checkpointing runs the forward under no_grad)"
+                    )
+                self.clear()
+                raise CaptureError(
+                    f"layer {name!r} has not run since the last reg() call: run the model's forward on x_t "
+                    "first, then call reg(images) (hooks were removed? call order inverted?)"
+                )
+            captures[name] = self._captures[name]
+        self.clear()
+        return captures
+
+    # ------------------------------------------------------------------ the call
+    def forward(
+        self,
+        images: Optional[torch.Tensor] = None,
+        *,
+        features: Any = None,
+        step: Optional[int] = None,
+        return_breakdown: bool = False,
+    ) -> Union[torch.Tensor, REPAOutput]:
+        """Alignment loss for the hidden states captured in the last model forward.
+
+        Args:
+            images: the CLEAN images of the batch, uint8 in [0, 255] or float in
+                ``input_range``, (B, C, H, W).
+            features: precomputed encoder targets instead of ``images``: a tensor (one
+                encoder), a list (in encoder order) or a dict keyed by encoder name; each
+                (B, N_e, D_e) or (B, D_e, h, w).
+            step: use this step for the weight schedule (the counter then continues from it).
+            return_breakdown: return a :class:`REPAOutput` instead of the weighted scalar.
+
+        Returns:
+            ``weight * alignment_loss``, a scalar with gradients into the model's blocks up to
+            the hooked ones and into the projectors.
+        """
+        captures = self._take_captures()
+        current = self._step if step is None else int(step)
+        weight = float(self.weight_fn(current))
+        self._step = current + 1
+        self.step.fill_(self._step)
+
+        if weight == 0.0:
+            # skip encoder and projectors; the zero still touches every projector parameter so
+            # DDP sees no unused parameters once a stop schedule fires
+            zero = sum(p.sum() for p in self.projectors.parameters()) * 0.0
+            zero = zero if isinstance(zero, torch.Tensor) else torch.zeros(())
+            return REPAOutput(zero, zero.detach(), 0.0, {}) if return_breakdown else zero
+
+        targets = self._targets(images, features, captures)
+        losses, cosines = [], {}
+        for (layer, enc_name), projector in zip(self.pairs, self.projectors):
+            hidden, grid_m = self._hidden_tokens(layer, captures[layer])  # (B, N, D)
+            target, grid_e = targets[enc_name]  # (B, N_e, D_e)
+            if hidden.shape[0] != target.shape[0]:
+                raise ShapeMismatchError(
+                    f"layer {layer!r} captured a batch of {hidden.shape[0]} but encoder {enc_name!r} targets have "
+                    f"batch {target.shape[0]}: pass the clean images of exactly the batch the model just ran on"
+                )
+            pred = projector(hidden, grid_m) if getattr(projector, "uses_grid", False) else projector(hidden)
+            if grid_m != grid_e:
+                if self.mismatch == "error":
+                    raise GridMismatchError(self._mismatch_message(layer, enc_name, grid_m, grid_e, images))
+                if self.resample == "target":
+                    target = resample_tokens(target, grid_e, grid_m)
+                else:
+                    pred = resample_tokens(pred, grid_m, grid_e)
+            losses.append(self.loss_fn(pred, target))
+            cosines[f"{layer}/{enc_name}"] = mean_cosine_similarity(pred.detach(), target)
+        loss = torch.stack([l.float() for l in losses]).mean()
+        total = weight * loss
+        if return_breakdown:
+            return REPAOutput(total, loss.detach(), weight, cosines)
+        return total
+
+    # ------------------------------------------------------------------ pieces of the call
+    def _hidden_tokens(self, layer: str, output: Any) -> Tuple[torch.Tensor, Grid]:
+        sel = self._tokens[layer]
+        if callable(sel):
+            x = sel(output)
+        else:
+            x = output
+            if isinstance(x, (tuple, list)):
+                x = x[0]
+            elif not isinstance(x, torch.Tensor) and hasattr(x, "sample"):
+                x = x.sample
+        if not isinstance(x, torch.Tensor):
+            raise ShapeMismatchError(
+                f"layer {layer!r} returned {type(x).__name__}, not a tensor; pass tokens=<callable output -> tensor>"
+            )
+        grid = self._grids[layer]
+        if x.ndim == 4:  # (B, C, H, W) conv / U-Net features
+            x, grid4 = flatten_feature_map(x)  # (B, H*W, C)
+            if isinstance(sel, slice):
+                raise ConfigError(f"tokens=slice(...) does not apply to the (B, C, H, W) output of layer {layer!r}")
+            grid = grid or grid4
+        elif x.ndim != 3:
+            raise ShapeMismatchError(
+                f"layer {layer!r} output has shape {tuple(x.shape)}; expected tokens (B, N, D) or a feature map "
+                "(B, C, H, W). Pass tokens=<callable> to extract them"
+            )
+        if isinstance(sel, slice):
+            x = x[:, sel]  # (B, N_img, D)
+        n = x.shape[1]
+        if grid is None:
+            grid = infer_grid(n, what=f"tokens from layer {layer!r}")
+        elif grid[0] * grid[1] != n:
+            raise ShapeMismatchError(
+                f"grid={grid} of layer {layer!r} has {grid[0] * grid[1]} cells but the layer gives {n} image tokens; "
+                "fix grid= or tokens="
+            )
+        if x.shape[-1] != self.hidden_dims[layer]:
+            raise ShapeMismatchError(
+                f"layer {layer!r} gives width {x.shape[-1]} but its projector expects {self.hidden_dims[layer]}; "
+                f"pass hidden_dim={x.shape[-1]}"
+            )
+        return x, grid
+
+    def _normalize_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ShapeMismatchError(
+                f"images must be a (B, C, H, W) tensor, got "
+                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+            )
+        if images.dtype == torch.uint8:
+            return images.float() / 255.0
+        if not images.is_floating_point():
+            raise InputRangeError(f"images must be uint8 (0-255) or float, got dtype {images.dtype}")
+        lo, hi = self.input_range
+        if self.check_inputs:
+            mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
+            tol = 1e-3 * (hi - lo)
+            if mn < lo - tol or mx > hi + tol:
+                raise InputRangeError(
+                    f"float images span [{mn:.3g}, {mx:.3g}] but input_range=({lo:g}, {hi:g}); pass "
+                    f"REPARegularizer(..., input_range=(-1, 1)) for images in [-1, 1], or uint8 images"
+                )
+        images = images.float()
+        if (lo, hi) != (0.0, 1.0):
+            images = (images - lo) / (hi - lo)
+        return images.clamp(0.0, 1.0)  # never in place: the caller still owns `images`
+
+    def _features_by_encoder(self, features: Any) -> Dict[str, torch.Tensor]:
+        names = self.encoder_names
+        if isinstance(features, torch.Tensor):
+            if len(names) != 1:
+                raise ConfigError(
+                    f"features= is one tensor but there are {len(names)} encoders {names}; pass a list or dict"
+                )
+            return {names[0]: features}
+        if isinstance(features, (list, tuple)):
+            if len(features) != len(names):
+                raise ConfigError(f"features= has {len(features)} entries for {len(names)} encoders {names}")
+            return dict(zip(names, features))
+        if isinstance(features, dict):
+            missing, extra = sorted(set(names) - set(features)), sorted(set(features) - set(names))
+            if missing or extra:
+                raise ConfigError(f"features= keys must be the encoder names {names}; missing {missing}, unknown {extra}")
+            return dict(features)
+        raise ConfigError(f"features= must be a tensor, a list or a dict of tensors, got {type(features).__name__}")
+
+    def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
+        if (images is None) == (features is None):
+            raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
+        out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
+        if features is not None:
+            raw = self._features_by_encoder(features)
+            image_size = None
+        else:
+            x = self._normalize_images(images)
+            image_size = tuple(x.shape[-2:])
+            raw = {}
+            for enc, name in zip(self._encoders, self.encoder_names):
+                if isinstance(enc, nn.Module):
+                    param = next(enc.parameters(), None)
+                    if param is not None and param.device != x.device:
+                        enc.to(x.device)
+                with torch.no_grad():
+                    raw[name] = enc(x)
+        for enc, name, dim in zip(self._encoders, self.encoder_names, self.encoder_dims):
+            y = raw[name]
+            if not isinstance(y, torch.Tensor) or y.ndim not in (3, 4):
+                raise ShapeMismatchError(
+                    f"targets of encoder {name!r} must be (B, N, D) tokens or a (B, D, h, w) map, got "
+                    f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+                )
+            y = y.detach()
+            if y.ndim == 4:
+                if y.shape[1] != dim:
+                    raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
+                y, grid = flatten_feature_map(y)
+            else:
+                if y.shape[-1] != dim:
+                    raise ShapeMismatchError(
+                        f"targets of encoder {name!r} have width {y.shape[-1]}, expected {dim} (shape {tuple(y.shape)})"
+                    )
+                grid = None
+                if image_size is not None and hasattr(enc, "grid"):
+                    g = as_grid(enc.grid(image_size))
+                    grid = g if g[0] * g[1] == y.shape[1] else None
+                grid = grid or infer_grid(y.shape[1], what=f"target tokens of encoder {name!r}")
+            y = y.float()
+            if self.target_norm == "zscore":
+                y = zscore_targets(y, self.alpha)
+            out[name] = (y, grid)
+        return out
+
+    def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
+        msg = f"layer {layer!r} has a {grid_m[0]}x{grid_m[1]} token grid but encoder {enc_name!r} gives {grid_e[0]}x{grid_e[1]}"
+        if isinstance(images, torch.Tensor):
+            msg += f" for {images.shape[-2]}x{images.shape[-1]} images"
+            enc = self._encoders[self.encoder_names.index(enc_name)]
+            if hasattr(enc, "grid"):
+                fits = [r for r in range(8, 2049, 8) if as_grid(enc.grid(r)) == grid_m]
+                if fits:
+                    msg += f"; images of {fits[0]}x{fits[0]} would give the encoder a matching grid"
+        return msg + "; pass mismatch='interpolate' to resample the targets instead"
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write the projector weights (safetensors, config in its metadata) and a JSON config."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        config = {**self.config, "repa_version": __version__}
+        text = json.dumps(config, indent=2, sort_keys=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"repa_config": text}))
+        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w").write(text + "\n"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: Union[str, os.PathLike],
+        model: nn.Module,
+        encoders: Any = None,
+        **overrides: Any,
+    ) -> "REPARegularizer":
+        """Rebuild a regularizer saved by :meth:`save_pretrained` on ``model`` and load it strictly.
+
+        ``encoders`` defaults to the saved registry names; pass modules when the saved ones were
+        custom. ``overrides`` replace saved constructor arguments (e.g. a callable ``weight=``).
+        """
+        from safetensors.torch import load_file
+
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.exists(weights_path):
+            raise StateDictError(f"no {WEIGHTS_NAME} in {str(directory)!r}; save one with reg.save_pretrained(dir)")
+        with open(os.path.join(directory, CONFIG_NAME)) as fh:
+            config = json.load(fh)
+        kwargs: Dict[str, Any] = {
+            "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
+            "projector": config["projector"],
+            "projector_dim": config["projector_dim"],
+            "loss": config["loss"],
+            "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
+            "mismatch": config["mismatch"],
+            "input_range": tuple(config["input_range"]),
+            "hidden_dim": config["hidden_dims"],
+            "resample": config.get("resample"),
+            **config.get("options", {}),
+        }
+        kwargs.update(overrides)
+        for key in ("weight", "projector", "loss"):
+            if kwargs.get(key) is None:
+                raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
+        if encoders is None:
+            encoders = dict(zip(config["encoders"], config["encoders"]))
+        reg = cls(model, config["layers"], encoders, **kwargs)
+        if reg.encoder_dims != config["encoder_dims"]:
+            raise StateDictError(
+                f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
+                f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
+            )
+        reg.load_state_dict(load_file(weights_path))
+        return reg
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Load projectors and step; with ``strict`` a mismatch names missing and unexpected keys."""
+        if strict:
+            own = set(self.state_dict())
+            missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            if missing or unexpected:
+                raise StateDictError(
+                    f"state dict does not match this regularizer: missing keys {missing}, unexpected keys "
+                    f"{unexpected}; was it saved with the same layers, encoders and projector?"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
+            f"mismatch={self.mismatch!r}, step={self._step}"
+        )
+
+
+def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Write through ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
