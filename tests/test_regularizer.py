@@ -673,6 +673,17 @@ def test_torch_compile_after_attaching_matches_eager(setup):
     assert model.blocks[0].mlp[0].weight.grad is not None
 
 
+def test_attaching_to_an_already_compiled_model_says_how_to_fix(setup):
+    model, enc, x = setup
+    compiled = torch.compile(model)
+    t, noise = torch.rand(3), torch.randn_like(x)
+    compiled(noise, t)  # compiled before the hooks exist
+    reg = REPARegularizer(compiled, layers="_orig_mod.blocks.1", encoders=enc, projector_dim=8)
+    compiled(noise, t)
+    with pytest.raises(CaptureError, match="attach to the plain model first, then call torch.compile"):
+        reg(x)
+
+
 def test_timm_vit_as_the_diffusion_model_drops_prefix_tokens():
     import timm
 

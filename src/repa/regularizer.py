@@ -269,6 +269,7 @@ class REPARegularizer(nn.Module):
         self._capture_enabled = True
         self._handles = [module.register_forward_hook(CaptureHook(name, self)) for name, module in resolved]
         self._model_ref = [base]  # a list, so the model is not registered as a submodule
+        self._attached_to_compiled = base is not model and hasattr(model, "_orig_mod")
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -397,9 +398,15 @@ class REPARegularizer(nn.Module):
                         "use_reentrant=False (reentrant checkpointing runs the forward under no_grad)"
                     )
                 self.clear()
+                hint = (
+                    "; the regularizer was attached to an already compiled model, whose compiled graph "
+                    "ignores new hooks: attach to the plain model first, then call torch.compile"
+                    if self._attached_to_compiled
+                    else " (hooks removed? call order inverted?)"
+                )
                 raise CaptureError(
                     f"layer {name!r} has not run since the last reg() call: run the model's forward on x_t "
-                    "first, then call reg(images) (hooks were removed? call order inverted?)"
+                    f"first, then call reg(images){hint}"
                 )
             captures[name] = self._captures[name]
         self.clear()
