@@ -1,0 +1,28 @@
+"""The reference SiT recipe of REPA: model, interpolant transport and samplers (REPA_FACTS section 3).
+
+- :mod:`repa.sit.models`: ``SiT`` and the size factories ``SiT_models`` / ``create_sit``.
+- :mod:`repa.sit.transport`: linear and cosine paths, training-time sampling, velocity loss.
+- :mod:`repa.sit.sampling`: Euler / Heun ODE and Euler-Maruyama SDE samplers with CFG.
+
+The training and sampling programs (``repa train``, ``repa sample``) are built on these modules.
+"""
+
+from .models import SiT, SiT_models, create_sit, list_sit_models
+from .sampling import PAPER_FID_SETTING, guided_velocity, sample
+from .transport import CosinePath, LinearPath, Path, get_path, sample_time, velocity_loss
+
+__all__ = [
+    "SiT",
+    "SiT_models",
+    "create_sit",
+    "list_sit_models",
+    "Path",
+    "LinearPath",
+    "CosinePath",
+    "get_path",
+    "sample_time",
+    "velocity_loss",
+    "sample",
+    "guided_velocity",
+    "PAPER_FID_SETTING",
+]
