@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from . import errors, schedules  # noqa: E402
 from .losses import build_loss  # noqa: E402
 from .projectors import build_projector  # noqa: E402
+from .encoders import create_encoder, list_encoders, register_encoder  # noqa: E402
 from .presets import ModelPreset, register_preset  # noqa: E402
 from .regularizer import REPAOutput, REPARegularizer  # noqa: E402
 
@@ -19,6 +20,9 @@ __all__ = [
     "__version__",
     "REPARegularizer",
     "REPAOutput",
+    "create_encoder",
+    "list_encoders",
+    "register_encoder",
     "ModelPreset",
     "register_preset",
     "build_loss",
