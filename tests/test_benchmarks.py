@@ -1,0 +1,262 @@
+"""The benchmark scripts run end to end in their tiny modes and report consistent numbers.
+
+``benchmarks/overhead.py`` and ``benchmarks/gpu_benchmark.py`` run as subprocesses on CPU
+with a tiny SiT and a tiny encoder. Timings are never asserted; what is checked: every arm is
+there with finite positive times, the ratios are computed from the reported medians, and the
+counted FLOPs equal hand-written formulas of the tiny networks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+ARMS = ("vanilla", "online", "cached", "stopped")
+
+# the tiny pair (benchmarks/_common.py): SiT width 64, depth 2, patch 2 on 64/8 = 8x8x4 latents
+# -> 16 tokens; ViT width 32, depth 2, MLP 64, patch 14 on 56 px (224/256 of 64) -> 16 patches + CLS
+TINY_ARGS = ["--tiny", "--batch-size", "4", "--repeats", "3", "--projector-dim", "64", "--no-progress"]
+SIT = dict(width=64, depth=2, tokens=16, patch=2, channels=4)
+VIT = dict(width=32, depth=2, mlp=64, patches=16, patch=14, prefix=1)
+PROJECTOR_HIDDEN = 64
+
+
+def _run(script: str, args: List[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def overhead(tmp_path_factory) -> Dict[str, Any]:
+    out = tmp_path_factory.mktemp("overhead")
+    proc = _run("overhead.py", [*TINY_ARGS, "--peak-tflops", "2", "--json", str(out / "r.json")], out)
+    return {"json": json.loads((out / "r.json").read_text()), "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny(tmp_path_factory) -> Dict[str, Any]:
+    out = tmp_path_factory.mktemp("gpu")
+    # the eager backend path of torch.compile keeps the compiled mode to seconds on CPU
+    proc = _run("gpu_benchmark.py", ["--tiny", "--compile-backend", "aot_eager", "--no-progress", "--json", str(out / "g.json")], out)
+    return {"json": json.loads((out / "g.json").read_text()), "stdout": proc.stdout}
+
+
+def _check_arms(result: Dict[str, Any], repeats: int) -> None:
+    arms = result["arms"]
+    assert set(arms) == set(ARMS)
+    batch = result["config"]["batch_size"]
+    for arm in ARMS:
+        a = arms[arm]
+        times = a["times_s"]
+        assert len(times) == repeats
+        assert all(math.isfinite(t) and t > 0 for t in times)
+        assert a["median_s"] == pytest.approx(statistics.median(times))
+        assert a["images_per_s"] == pytest.approx(batch / a["median_s"])
+        # the ratio is recomputed from the JSON's own medians
+        assert a["ratio_to_vanilla"] == pytest.approx(a["median_s"] / arms["vanilla"]["median_s"])
+        assert a["measured_over_expected"] == pytest.approx(a["ratio_to_vanilla"] / a["expected_ratio"])
+    assert arms["vanilla"]["ratio_to_vanilla"] == 1.0
+
+
+# ------------------------------------------------------------------------ overhead.py
+
+
+def test_overhead_reports_every_arm_with_ratios_from_its_medians(overhead):
+    _check_arms(overhead["json"], repeats=3)
+    cached = overhead["json"]["arms"]["cached"]
+    vanilla = overhead["json"]["arms"]["vanilla"]
+    assert cached["ratio_to_vanilla"] == pytest.approx(cached["median_s"] / vanilla["median_s"])
+
+
+def test_overhead_prints_command_and_markdown_table(overhead):
+    out = overhead["stdout"]
+    first = out.splitlines()[0]
+    assert first.startswith("Command: python ") and "overhead.py --tiny" in first
+    assert "Resolved: python " in out and "--model tiny-sit" in out and "--encoder tiny-vit" in out
+    assert "| arm | median step (s) | IQR (s) | images/s | peak mem (MiB) | ratio to vanilla |" in out
+    for label in ("| vanilla |", "| REPA, online encoder |", "| REPA, cached features |", "| REPA, stopped (weight 0) |"):
+        assert label in out
+    assert overhead["json"]["command"].startswith("python ")
+
+
+def _sit_step_flops(width: int, depth: int, tokens: int, patch: int, channels: int, freq: int = 256) -> float:
+    """FLOPs of one SiT forward + backward per image, from the architecture (2 FLOPs per MAC).
+
+    Forward MACs: patch conv N*C*p*p*D; time MLP 256*D + D*D; per block adaLN 6*D*D (per image),
+    qkv 3*N*D*D, out proj N*D*D, MLP 2*N*D*4D, attention 2*N*N*D (QK^T and AV); final adaLN
+    2*D*D and linear N*D*p*p*C. Backward: each layer computes input and weight gradients (2x),
+    except the patch conv (x_t needs no gradient) and the first time-MLP layer (sinusoid
+    features): weight gradient only; attention backward is 2.5x its forward (scores recomputed).
+    """
+    d, n = width, tokens
+    patch_embed = n * channels * patch * patch * d
+    t1, t2 = freq * d, d * d
+    block = 6 * d * d + n * (3 * d * d + d * d + 2 * d * 4 * d)
+    attention = 2 * n * n * d
+    final = 2 * d * d + n * d * patch * patch * channels
+    forward = patch_embed + t1 + t2 + depth * (block + attention) + final
+    backward = patch_embed + t1 + 2 * t2 + depth * (2 * block + 2.5 * attention) + 2 * final
+    return 2.0 * (forward + backward)
+
+
+def _vit_forward_flops(width: int, depth: int, mlp: int, patches: int, patch: int, prefix: int) -> float:
+    """FLOPs of one ViT forward per image: patch embedding, then per block qkv + proj + MLP + attention."""
+    t = patches + prefix
+    embed = patches * 3 * patch * patch * width
+    block = t * (4 * width * width + 2 * width * mlp) + 2 * t * t * width
+    return 2.0 * (embed + depth * block)
+
+
+def test_counted_flops_match_the_architectures(overhead):
+    flops = overhead["json"]["flops_per_image"]
+    assert flops["step"] == pytest.approx(_sit_step_flops(**SIT))
+    assert flops["encoder"] == pytest.approx(_vit_forward_flops(**VIT))
+    # MLP projector D -> h -> h -> D_e on every token, forward + backward (input and weight grads)
+    d, h, de, n = SIT["width"], PROJECTOR_HIDDEN, VIT["width"], SIT["tokens"]
+    assert flops["projector"] == pytest.approx(2 * 3 * n * (d * h + h * h + h * de))
+
+
+def test_expected_ratios_and_mfu_follow_the_counts(overhead):
+    r = overhead["json"]
+    f, arms, batch = r["flops_per_image"], r["arms"], r["config"]["batch_size"]
+    step, enc, proj = f["step"], f["encoder"], f["projector"]
+    assert arms["online"]["expected_ratio"] == pytest.approx((step + enc + proj) / step)
+    assert arms["cached"]["expected_ratio"] == pytest.approx((step + proj) / step)
+    assert arms["stopped"]["expected_ratio"] == 1.0
+    assert arms["online"]["flops_per_step"] == pytest.approx((step + enc + proj) * batch)
+    for arm in ARMS:  # --peak-tflops 2
+        a = arms[arm]
+        assert a["mfu"] == pytest.approx(a["flops_per_step"] / a["median_s"] / 2e12)
+
+
+def test_overhead_records_memory_and_environment(overhead):
+    r = overhead["json"]
+    assert r["memory_measure"].startswith("CPU:")
+    for arm in ARMS:
+        peak = r["arms"][arm]["peak_mem_mib"]
+        assert peak is None or (math.isfinite(peak) and peak >= 0)
+    assert r["environment"]["torch"] == torch.__version__
+    assert r["layer"] == "blocks.1"  # depth-2 tiny SiT: encoder depth 4 clipped to the last block
+
+
+def test_overhead_rejects_bad_options(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "overhead.py"), "--tiny", "--resolution", "60"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--resolution 60 must be a multiple of 8" in proc.stderr
+
+
+# ------------------------------------------------------------------------ gpu_benchmark.py
+
+
+def test_gpu_benchmark_tiny_runs_compile_off_and_on(gpu_tiny):
+    data = gpu_tiny["json"]
+    runs = data["runs"]
+    assert [(r["config"]["model"], r["config"]["compile"]) for r in runs] == [("tiny-sit", False), ("tiny-sit", True)]
+    assert data["skipped"] == [] and data["oom"] == []
+    for run in runs:
+        assert run["config"]["dtype"] == "bf16"
+        _check_arms(run, repeats=run["config"]["repeats"])
+        online, vanilla = run["arms"]["online"], run["arms"]["vanilla"]
+        assert online["ratio_to_vanilla"] == pytest.approx(online["median_s"] / vanilla["median_s"])
+    assert data["peak_flops"] is None  # CPU: no peak, so no MFU
+    assert all(run["arms"][arm]["mfu"] is None for run in runs for arm in ARMS)
+
+
+def test_gpu_benchmark_prints_summary_table(gpu_tiny):
+    out = gpu_tiny["stdout"]
+    assert out.splitlines()[0].startswith("Command: python ")
+    assert "## Summary" in out
+    assert "| model | batch | compile | vanilla img/s | vanilla MFU |" in out
+    assert "| tiny-sit | 4 | off |" in out and "| tiny-sit | 4 | on |" in out
+
+
+@pytest.fixture()
+def gpu_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_benchmark
+
+    return gpu_benchmark
+
+
+def test_batch_falls_back_when_memory_runs_out(gpu_module):
+    import _common
+
+    cfg = _common.BenchConfig(model="SiT-XL/2", batch_size=256)
+    tried = []
+
+    def measure(c):
+        tried.append(c.batch_size)
+        if c.batch_size > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"batch": c.batch_size}
+
+    result, failures = gpu_module.run_with_fallback(cfg, (256, 128), measure, log=lambda s: None)
+    assert tried == [256, 128]
+    assert result == {"batch": 128}
+    assert failures == [{"batch_size": 256, "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}]
+
+    def never_fits(c):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert gpu_module.run_with_fallback(cfg, (256, 128), never_fits, log=lambda s: None)[0] is None
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(gpu_module):
+    import _common
+
+    def broken(c):
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        gpu_module.run_with_fallback(_common.BenchConfig(), (4, 2), broken, log=lambda s: None)
+    wrapped = RuntimeError("backend compiler failed")
+    wrapped.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
+    assert gpu_module.is_out_of_memory(wrapped)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 3090", None),
+    ],
+)
+def test_peak_flops_by_device_name(gpu_module, name, peak):
+    import _common
+
+    assert _common.peak_flops_for_name(name) == peak
+
+
+def test_gpu_plan_is_the_papers_setup(gpu_module):
+    args = gpu_module.build_parser().parse_args([])
+    plan = gpu_module.plan_runs(args)
+    assert [(c.model, c.batch_size, c.compile) for c in plan] == [
+        ("SiT-B/2", 256, False), ("SiT-XL/2", 256, False), ("SiT-B/2", 256, True), ("SiT-XL/2", 256, True),
+    ]
+    assert {(c.resolution, c.encoder, c.dtype, c.device, c.projector_dim) for c in plan} == {
+        (256, "dinov2-vit-b", "bf16", "cuda", 2048)
+    }
+    assert gpu_module.fallback_batches("SiT-XL/2", tiny=False) == (256, 128)
