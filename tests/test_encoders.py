@@ -6,6 +6,7 @@ small ones with random weights, and every weights file is written by the test it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -24,6 +25,7 @@ from repa.encoders import (
     register_encoder,
     save_encoder_weights,
 )
+from repa.encoders import registry
 from repa.errors import ConfigError, ShapeMismatchError, StateDictError, UnknownNameError, WeightsNotFoundError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -62,7 +64,7 @@ PUBLISHED = {
     "mocov3-vit-b": (768, 16, 1, 256, 1024, 86),
     "mocov3-vit-l": (1024, 16, 1, 256, 1024, 304),
     "dinov1-vit-b": (768, 16, 1, 256, 1024, 86),
-    "fmnist-vit": (192, 4, 0, 4096, 16384, 2.7),
+    "fmnist-vit": (96, 4, 0, 4096, 16384, 0.45),
     # timm names
     "vit_small_patch14_dinov2.lvd142m": (384, 14, 1, 256, 1024, 21),
     "vit_base_patch14_dinov2.lvd142m": (768, 14, 1, 256, 1024, 86),
@@ -296,7 +298,7 @@ def test_frozen_eval_no_grad_even_after_parent_train():
     assert all(not p.requires_grad for p in enc.parameters())
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
     out = enc(x)
-    assert not out.requires_grad and tuple(out.shape) == (2, 49, 192)
+    assert not out.requires_grad and tuple(out.shape) == (2, 49, 96)
     torch.testing.assert_close(enc((x.detach() * 255).round().to(torch.uint8)), enc((x.detach() * 255).round() / 255))
 
 
@@ -370,8 +372,12 @@ def test_pretrained_from_a_prefilled_hf_cache(isolated_home):
         ("fmnist-vit", ["local weights only", "repa teacher"]),
     ],
 )
-def test_offline_miss_fails_fast_with_the_fix(isolated_home, name, must_mention):
+def test_offline_miss_fails_fast_with_the_fix(isolated_home, monkeypatch, name, must_mention):
     cache = isolated_home / "empty_hf_cache"
+    spec, factory = registry._REGISTRY[name.lower()]
+    if spec.shipped_asset:  # fmnist-vit ships its weights: look at an install without the file
+        hidden = dataclasses.replace(spec, shipped_asset="not-shipped-" + spec.shipped_asset)
+        monkeypatch.setitem(registry._REGISTRY, name.lower(), (hidden, factory))
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as info:
         create_encoder(name, cache_dir=cache)
@@ -692,7 +698,7 @@ def test_cli_table_and_json(isolated_home, capsys):
     assert cli.main(parser.parse_args(["fmnist", "--resolution", "28"])) == 0
     table = capsys.readouterr().out
     line = next(l for l in table.splitlines() if l.startswith("fmnist-vit"))
-    assert line.split()[-1] == "yes" and "7x7" in line and "2.7M" in line
+    assert line.split()[-1] == "yes" and "7x7" in line and "0.5M" in line
 
     assert cli.main(parser.parse_args(["no-such-encoder"])) == 1
 

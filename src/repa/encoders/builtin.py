@@ -54,7 +54,7 @@ def timm_factory(spec: EncoderSpec, **kwargs: Any) -> nn.Module:
 
 # parameter counts of the trunks (num_classes=0), shown by `repa encoders` without building
 _PARAMS: Dict[str, int] = {
-    "fmnist-vit": 2_682_240,
+    "fmnist-vit": 453_888,
     "mocov3-vit-b": 85_798_656,
     "mocov3-vit-l": 303_301_632,
     "mocov3-vit-s": 21_665_664,
@@ -296,7 +296,7 @@ for _s, _dim, _depth, _heads in (("s", 384, 12, 12), ("b", 768, 12, 12), ("l", 1
 _add(
     ("fmnist-vit",),
     family="fmnist",
-    embed_dim=192,
+    embed_dim=96,
     patch_size=4,
     prefix_tokens=0,
     final_norm=True,
@@ -307,7 +307,7 @@ _add(
     normalize_first=True,
     arch="VisionTransformer",
     arch_kwargs=dict(
-        img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0,
+        img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
         class_token=False, global_pool="avg",
     ),
     shipped_asset="fmnist-vit.safetensors",

@@ -1,0 +1,60 @@
+"""Turning model outputs into image files: [-1, 1] floats to uint8, grids, atomic PNG writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from ..errors import ShapeMismatchError
+
+__all__ = ["to_uint8", "to_hwc3", "make_grid", "save_png"]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W): round((x + 1) * 127.5), clamped to [0, 255]."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
+
+
+def to_hwc3(images: torch.Tensor) -> np.ndarray:
+    """uint8 (B, C, H, W) with C in {1, 3} -> (B, H, W, 3) numpy, grayscale repeated to 3 channels (ADM .npz)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ShapeMismatchError(
+            f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}; convert with to_uint8"
+        )
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+    return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H, W, 3)
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 2, value: int = 255) -> np.ndarray:
+    """uint8 (B, C, H, W) -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) array, row-major, padded with ``value``."""
+    b, c, h, w = images.shape
+    rows = (b + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), value, dtype=np.uint8)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = arr[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: Union[str, "os.PathLike[str]"]) -> Path:
+    """Write an (H, W, C) uint8 array with C in {1, 3} as a PNG, atomically (temp file, then rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode=None)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

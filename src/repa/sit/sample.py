@@ -1,0 +1,215 @@
+"""``repa sample``: images from a ``repa train`` checkpoint, as PNGs and as an ADM-style ``.npz``.
+
+    repa sample --ckpt runs/fmnist-sit-t4-repa --num-samples 1000 --mode ode --steps 50
+    torchrun --nproc_per_node 8 -m repa.sit.sample --ckpt CKPT --num-samples 50000 \\
+        --mode sde --steps 250 --cfg-scale 1.8 --guidance-high 0.7      # REPA's FID 1.42 setting
+
+Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is ``i % num_classes``
+(``--classes balanced``: exactly N / num_classes per class) or the ``i``-th draw of a generator
+seeded with ``--seed`` (``random``); its initial noise comes from a generator seeded by
+(seed, i). So with the ODE sampler the images do not depend on the number of processes or the
+batch size; the SDE's per-step noise is drawn per batch. Each rank writes its own
+``images/<i:06d>.png`` (existing ones are kept, so an interrupted job continues); then rank 0
+packs all N into ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to 3
+channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall).
+Latent models are decoded with the checkpoint's SD-VAE (or ``--vae``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .configs import build_model
+from .distributed import barrier, init_distributed, shutdown_distributed
+from .images import save_png, to_uint8
+from .sampling import METHODS, SOLVERS, sample
+
+__all__ = ["add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz"]
+
+CLASS_MODES = ("balanced", "random")
+WEIGHT_CHOICES = ("ema", "model")
+PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``repa sample``."""
+    parser.add_argument("--ckpt", required=True, help="a checkpoint file written by `repa train`, or its run folder (newest)")
+    parser.add_argument("--num-samples", type=int, default=50_000, help="N images in all (default: 50000, FID-50K)")
+    parser.add_argument("--mode", choices=list(METHODS), default="sde", help="sampler (default: sde, REPA's)")
+    parser.add_argument("--solver", choices=sorted({s for v in SOLVERS.values() for s in v}), default="euler",
+                        help="ODE solver: euler or heun (the SDE is Euler-Maruyama) (default: euler)")
+    parser.add_argument("--steps", type=int, default=250, help="sampler steps (default: 250)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (paper best: 1.8)")
+    parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only steps starting at t >= this (default: 0)")
+    parser.add_argument("--guidance-high", type=float, default=0.7, help="guide only steps starting at t <= this (default: 0.7)")
+    parser.add_argument("--classes", choices=list(CLASS_MODES), default="balanced",
+                        help="labels: balanced (i %% num_classes) or random (seeded) (default: balanced)")
+    parser.add_argument("--per-proc-batch", type=int, default=64, help="images per forward on each process (default: 64)")
+    parser.add_argument("--output", default=None,
+                        help="output folder (default: <run>/eval/<step>-<mode><steps>-cfg<scale>-n<N>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labels and noise (default: 0)")
+    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="ema", help="EMA or raw weights (default: ema)")
+    parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype (default: no)")
+    parser.add_argument("--vae", default=None, help="SD-VAE folder or cached hub id (default: the one the run used)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_sampling_model(ckpt: Dict[str, Any], weights: str = "ema") -> torch.nn.Module:
+    """Rebuild the checkpoint's SiT with its EMA (or raw) weights, in eval mode."""
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    if weights == "ema":
+        prefix = "shadows.model."
+        state = {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
+    else:
+        state = ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's {weights} weights do not fit {ckpt['model_name']}: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
+def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    """Labels of samples 0..n-1: ``i % num_classes`` (balanced) or seeded uniform draws (random), (n,) int64."""
+    if mode == "balanced":
+        return torch.arange(n) % num_classes
+    if mode == "random":
+        return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    raise ConfigError(f"--classes must be one of {CLASS_MODES}, got {mode!r}")
+
+
+def sample_noise(indices: List[int], shape: Tuple[int, ...], seed: int) -> torch.Tensor:
+    """Initial noise of the given sample indices, each from its own generator seeded by (seed, i): (len, *shape)."""
+    out = []
+    for i in indices:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out)  # (B, *shape)
+
+
+def _png_path(folder: Path, index: int) -> Path:
+    return folder / "images" / f"{index:06d}.png"
+
+
+def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
+    """Pack ``images/000000.png`` .. into ``samples.npz`` (``arr_0`` uint8 (n, H, W, 3)), atomically."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    first = np.asarray(Image.open(_png_path(folder, 0)))
+    h, w = first.shape[:2]
+    tmp_npy = folder / f".arr_0.tmp{os.getpid()}.npy"
+    arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
+    for i in tqdm(range(n), desc="npz", disable=not progress):
+        path = _png_path(folder, i)
+        if not path.is_file():
+            raise CheckpointError(f"sample {path} is missing; run `repa sample` again with the same flags to fill it in")
+        img = np.asarray(Image.open(path))
+        arr[i] = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img[..., :3]
+    arr.flush()
+    out = folder / "samples.npz"
+    tmp = folder / f".samples.tmp{os.getpid()}.npz"
+    try:
+        with open(tmp, "wb") as fh:  # a file handle, so numpy keeps the name
+            np.savez(fh, arr_0=arr)
+        os.replace(tmp, out)
+    finally:
+        del arr
+        for leftover in (tmp, tmp_npy):
+            if leftover.exists():
+                leftover.unlink()
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``repa sample`` with parsed arguments; returns the exit status."""
+    from tqdm.auto import tqdm
+
+    if args.num_samples < 1 or args.per_proc_batch < 1 or args.steps < 1:
+        raise ConfigError("--num-samples, --per-proc-batch and --steps must be positive integers")
+    if args.mode == "sde" and args.solver != "euler":
+        raise ConfigError(f"--solver {args.solver} applies to --mode ode; the SDE sampler is Euler-Maruyama")
+    info = init_distributed()
+    try:
+        ckpt_path = resolve_checkpoint(args.ckpt)
+        ckpt = load_checkpoint(ckpt_path)
+        model = load_sampling_model(ckpt, args.weights).to(info.device)
+        data, cfg = ckpt["data"], ckpt["config"]
+        step = int(ckpt["step"])
+        del ckpt
+        vae = None
+        if data["kind"] != "pixels":
+            from .data import load_vae
+
+            vae = load_vae(args.vae or data["vae"], info.device)
+        if args.output is not None:
+            out = Path(args.output)
+        else:
+            run = ckpt_path.parent.parent
+            out = run / "eval" / f"{step:07d}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
+        if info.is_main:
+            (out / "images").mkdir(parents=True, exist_ok=True)
+        barrier(info)
+
+        n, num_classes = args.num_samples, int(data["num_classes"])
+        labels_all = sample_labels(n, num_classes, args.classes, args.seed)  # (N,)
+        shape = (int(data["input_channels"]), int(data["input_size"]), int(data["input_size"]))
+        mine = [i for i in range(info.rank, n, info.world_size) if not _png_path(out, i).is_file()]
+        amp = PRECISIONS[args.mixed_precision]
+        batches = [mine[k : k + args.per_proc_batch] for k in range(0, len(mine), args.per_proc_batch)]
+        for idx in tqdm(batches, desc=f"sample rank {info.rank}", disable=args.no_progress or not info.is_main):
+            noise = sample_noise(idx, shape, args.seed).to(info.device)  # (B, C, h, w)
+            labels = labels_all[idx].to(info.device)  # (B,)
+            g = torch.Generator(device=info.device).manual_seed((args.seed * 1_000_003 + idx[0] + 2**40) % (2**63 - 1))
+            with torch.autocast(info.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                x = sample(
+                    model,
+                    noise,
+                    labels,
+                    method=args.mode,
+                    solver=args.solver,
+                    steps=args.steps,
+                    cfg_scale=args.cfg_scale,
+                    guidance_low=args.guidance_low,
+                    guidance_high=args.guidance_high,
+                    path=cfg["path_type"],
+                    generator=g,
+                )  # (B, C, h, w)
+            if vae is not None:
+                from .data import decode_latents
+
+                x = decode_latents(vae, x, float(data["latent_scale"]))  # (B, 3, R, R)
+            images = to_uint8(x).cpu()  # (B, C, H, W)
+            for i, img in zip(idx, images):
+                save_png(img.permute(1, 2, 0).numpy(), _png_path(out, i))
+        barrier(info)
+        if info.is_main:
+            npz = write_npz(out, n, progress=not args.no_progress)
+            print(f"repa sample: {n} images in {out / 'images'}; ADM evaluation input {npz}", file=sys.stderr)
+        barrier(info)
+    finally:
+        shutdown_distributed(info)
+    return 0
+
+
+if __name__ == "__main__":  # python -m repa.sit.sample [flags]  (also under torchrun)
+    _parser = argparse.ArgumentParser(prog="python -m repa.sit.sample", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    from ..errors import REPAError
+
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except REPAError as _exc:
+        print(f"repa sample: error: {_exc}", file=sys.stderr)
+        sys.exit(1)
