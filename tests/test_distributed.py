@@ -59,6 +59,7 @@ def _reference(mode):
 
 
 def _worker(rank, world, init_file, mode, out_dir):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, reg = _build()
@@ -73,6 +74,7 @@ def _worker(rank, world, init_file, mode, out_dir):
             _step(ddp_model, ddp_reg, x, noise, t, [*ddp_model.parameters(), *ddp_reg.parameters()])
         if rank == 0:
             torch.save((model.state_dict(), reg.state_dict()), os.path.join(out_dir, "result.pt"))
+        dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
