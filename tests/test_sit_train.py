@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from repa.errors import CheckpointError, ConfigError, UnknownNameError, WeightsNotFoundError
-from repa.sit import get_path, sample, sample_time
+from repa.sit import get_path, sample_time
+from repa.sit.sampling import sample
 from repa.sit.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from repa.sit.configs import CONFIGS, TrainConfig, build_model, load_config, resolve_config
 from repa.sit.ema import EMA

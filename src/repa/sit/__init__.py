@@ -8,7 +8,8 @@ The training and sampling programs (``repa train``, ``repa sample``) are built o
 """
 
 from .models import SiT, SiT_models, create_sit, list_sit_models
-from .sampling import PAPER_FID_SETTING, guided_velocity, sample
+from .sampling import PAPER_FID_SETTING, guided_velocity
+from .sampling import sample as sample_images  # `repa.sit.sample` is the `repa sample` command module
 from .transport import CosinePath, LinearPath, Path, get_path, sample_time, velocity_loss
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
     "get_path",
     "sample_time",
     "velocity_loss",
-    "sample",
+    "sample_images",
     "guided_velocity",
     "PAPER_FID_SETTING",
 ]
