@@ -278,10 +278,11 @@ def test_zscore_target_norm_option(setup):
         REPARegularizer(model, layers=1, encoders=enc, target_norm="layer")
 
 
-def test_fp32_loss_under_autocast(setup):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_loss_under_autocast(setup, dtype):
     model, enc, x = setup
     reg = REPARegularizer(model, layers=1, encoders=enc, projector_dim=16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         run(model, x)
         out = reg(x, return_breakdown=True)
     assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
