@@ -721,3 +721,20 @@ def test_breakdown_is_a_named_tuple(setup):
     run(model, x)
     out = reg(x, return_breakdown=True)
     assert isinstance(out, REPAOutput) and out._fields == ("total", "loss", "weight", "cosine")
+
+
+def test_tiny_random_timm_vit_encoder_from_the_registry():
+    """A registry ViT (random init, one block) as the frozen encoder, end to end."""
+    model = TinyDiT(size=64, patch=16)  # 4x4 tokens
+    reg = REPARegularizer(
+        model, layers=1, encoders="dinov2-vit-s", encoder_kwargs={"pretrained": False, "depth": 1}, projector_dim=16
+    )
+    enc = reg.encoders[0]
+    assert reg.encoder_dims == [384] and enc.grid(64) == (4, 4)  # 224 * 64 / 256 = 56 px -> 4x4 patches of 14
+    x = torch.rand(2, 3, 64, 64)
+    run(model, x)
+    out = reg(x)
+    out.backward()
+    assert torch.isfinite(out)
+    assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
+    assert model.blocks[0].mlp[0].weight.grad is not None and model.blocks[2].mlp[0].weight.grad is None
