@@ -235,8 +235,10 @@ class REPARegularizer(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync_step())
 
         self._tokens = {n: self._token_selector(tokens, n, base) for n in self.layer_names}
-        self._grids = {n: _per_layer(grid, n, "grid", self.layer_names) for n in self.layer_names}
-        self._grids = {n: (as_grid(g) if g is not None else None) for n, g in self._grids.items()}
+        self._grids = {}
+        for n in self.layer_names:
+            g = _per_layer(grid, n, "grid", self.layer_names)
+            self._grids[n] = as_grid(g) if g is not None else None
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
@@ -468,7 +470,8 @@ class REPARegularizer(nn.Module):
                 else:
                     pred = resample_tokens(pred, grid_m, grid_e)
             losses.append(self.loss_fn(pred, target))
-            cosines[f"{layer}/{enc_name}"] = mean_cosine_similarity(pred.detach(), target)
+            if return_breakdown:  # logging only: keep it off the plain training call
+                cosines[f"{layer}/{enc_name}"] = mean_cosine_similarity(pred.detach(), target)
         loss = torch.stack([l.float() for l in losses]).mean()
         total = weight * loss
         if return_breakdown:
