@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 
@@ -365,7 +366,8 @@ def test_dataset_pickles_without_open_handles(fmnist_cache):
 # ----------------------------------------------------------------------------- SD-VAE moments
 
 
-def test_vae_moments_are_stored_and_pixels_optional(image_folder, conv_weights, tmp_path):
+def _tiny_vae(folder):
+    """A random 2-level diffusers AutoencoderKL (16 px -> 4 x 8 x 8 latents), saved to ``folder``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -374,8 +376,13 @@ def test_vae_moments_are_stored_and_pixels_optional(image_folder, conv_weights, 
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8, sample_size=16,
     ).eval()
+    vae.save_pretrained(folder)
+    return vae
+
+
+def test_vae_moments_are_stored_and_pixels_optional(image_folder, conv_weights, tmp_path):
     vae_dir = tmp_path / "vae"
-    vae.save_pretrained(vae_dir)
+    vae = _tiny_vae(vae_dir)
 
     out = tmp_path / "cache"
     build_cache(image_folder, out, "test-cache-conv", resolution=16, weights=[f"test-cache-conv={conv_weights}"],
@@ -398,3 +405,39 @@ def test_vae_moments_are_stored_and_pixels_optional(image_folder, conv_weights, 
     with pytest.raises(ConfigError, match=r"--no-images drops the pixels, but without --vae"):
         build_cache(image_folder, tmp_path / "x", "test-cache-conv", resolution=16, store_images=False,
                     pretrained=False, progress=False)
+
+
+def test_repa_train_runs_on_a_latent_cache_without_pixels_and_never_loads_the_encoder(image_folder, conv_weights,
+                                                                                      tmp_path, monkeypatch):
+    """`repa train --data CACHE` on a --vae --no-images cache: latents from the moments, targets from the cache."""
+    import repa.encoders
+    from repa.sit.configs import TrainConfig
+    from repa.sit.train import train
+
+    vae_dir = tmp_path / "vae"
+    _tiny_vae(vae_dir)
+    out = tmp_path / "cache"
+    build_cache(image_folder, out, "test-cache-conv", resolution=16, weights=[f"test-cache-conv={conv_weights}"],
+                vae=str(vae_dir), store_images=False, dtype="fp16", shard_size=8, batch_size=4, progress=False)
+
+    def forbidden(name, **kw):
+        raise AssertionError(f"create_encoder({name!r}) was called although --data is a feature cache")
+
+    monkeypatch.setattr(repa.encoders, "create_encoder", forbidden)
+    cfg = TrainConfig(
+        model="SiT-T/2", model_kwargs={"depth": 2, "hidden_size": 32, "num_heads": 2}, data=str(out),
+        enc_type="test-cache-conv", encoder_depth=1, projector_dim=16, batch_size=6, max_train_steps=3,
+        log_every=1, checkpointing_steps=3, sample_every=1000, output_dir=str(tmp_path / "runs"), exp_name="run",
+    ).validate()
+    result = train(cfg, progress=False)
+    assert result.step == 3
+    run = tmp_path / "runs" / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["data"]["kind"], saved["data"]["input_channels"], saved["data"]["input_size"]) == ("latents", 4, 8)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(math.isfinite(r["loss_align"]) and r["loss_align"] != 0.0 for r in log)
+
+    # a cache with neither pixels nor latents cannot feed a run; the error says so
+    (out / "index.json").write_text(json.dumps({**load_index(out), "moments": None}))
+    with pytest.raises(CacheMismatchError, match=r"holds neither pixels nor VAE latents"):
+        train(TrainConfig(**{**cfg.to_dict(), "exp_name": "run2"}).validate(), progress=False)

@@ -546,3 +546,64 @@ def test_ema_update_is_the_exponential_moving_average():
     assert not ema["net"].training and not ema["net"].weight.requires_grad
     ema.train()
     assert not ema["net"].training  # shadows stay in eval mode
+
+
+# --------------------------------------------------------------------------------------------
+# --data FEATURE_CACHE (repa cache): the encoder is never loaded, the losses are the online ones
+# --------------------------------------------------------------------------------------------
+
+
+def _forbid_encoder_loading(monkeypatch):
+    import repa.encoders
+
+    def create_encoder(name, **kw):
+        raise AssertionError(f"create_encoder({name!r}) was called although --data is a feature cache")
+
+    monkeypatch.setattr(repa.encoders, "create_encoder", create_encoder)
+
+
+def test_training_from_a_feature_cache_matches_the_online_encoder(tmp_path, idx_data, monkeypatch, one_thread):
+    from repa.cache import build_cache
+
+    weights = save_random_teacher(tmp_path / "teacher.safetensors")  # a fixed "trained" teacher file
+    cache = tmp_path / "cache"
+    build_cache(idx_data, cache, "fmnist-vit", weights={"fmnist-vit": weights}, dtype="fp32", shard_size=48,
+                batch_size=32, progress=False)
+
+    online = tiny_config(idx_data, tmp_path / "online", enc_type="fmnist-vit", enc_weights=str(weights), max_train_steps=5)
+    train(online, progress=False)
+    _forbid_encoder_loading(monkeypatch)
+    cached = tiny_config(cache, tmp_path / "cached", enc_type="fmnist-vit", max_train_steps=5)
+    result = train(cached, progress=False)
+    assert result.step == 5
+
+    a, b = read_log(tmp_path / "online" / "run"), read_log(tmp_path / "cached" / "run")
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):  # same items in the same order, same noise: the same step, fp32 targets
+        assert rb["loss_denoise"] == pytest.approx(ra["loss_denoise"], rel=1e-6)
+        assert rb["loss_align"] == pytest.approx(ra["loss_align"], rel=1e-4, abs=1e-6)
+        assert rb["loss_align"] != 0.0
+    saved = json.loads((tmp_path / "cached" / "run" / "config.json").read_text())
+    assert saved["data"]["kind"] == "pixels" and saved["data"]["input_size"] == SIZE and saved["data"]["num_classes"] == 4
+
+
+def test_feature_cache_mismatches_are_named(tmp_path, idx_data, capsys, one_thread):
+    from repa.cache import build_cache
+    from repa.errors import CacheMismatchError
+
+    cache = tmp_path / "cache"
+    build_cache(idx_data, cache, "fmnist-vit", pretrained=False, dtype="fp16", shard_size=64, batch_size=32, progress=False)
+    with pytest.raises(CacheMismatchError, match=r"holds targets of \['fmnist-vit'\], not of encoder 'dinov2-vit-b'"):
+        train(tiny_config(cache, tmp_path / "a", enc_type="dinov2-vit-b"), progress=False)
+    with pytest.raises(CacheMismatchError, match=r"built at resolution 16, the run asks for 32"):
+        train(tiny_config(cache, tmp_path / "b", enc_type="fmnist-vit", resolution=32), progress=False)
+    with pytest.raises(ConfigError, match=r"--enc-weights .* has no effect with a feature cache"):
+        train(tiny_config(cache, tmp_path / "c", enc_type="fmnist-vit", enc_weights="w.safetensors"), progress=False)
+    with pytest.raises(CacheMismatchError, match=r"stores no latent moments; rebuild it with `repa cache \.\.\. --vae"):
+        train(tiny_config(cache, tmp_path / "d", enc_type="fmnist-vit", vae="some/vae"), progress=False)
+    # targets of a random-init encoder train (the convergence control) but are called out
+    capsys.readouterr()
+    train(tiny_config(cache, tmp_path / "e", enc_type="fmnist-vit", max_train_steps=2), progress=False)
+    assert "randomly initialized encoder(s) ['fmnist-vit']" in capsys.readouterr().err
+    # the baseline reads the same cache and ignores its targets
+    assert train(tiny_config(cache, tmp_path / "f", repa=False, max_train_steps=2), progress=False).step == 2

@@ -969,7 +969,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random encoders with --no-pretrained (default: 0)")
     parser.add_argument("--no-images", dest="store_images", action="store_false",
                         help="do not store the pixels (allowed with --vae: the moments are the training input)")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading images (default: 4)")
+    workers = min(4, os.cpu_count() or 1)
+    parser.add_argument("--num-workers", type=int, default=workers,
+                        help=f"DataLoader workers reading images (default: min(4, CPU count) = {workers})")
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     parser.add_argument("--no-checksums", dest="checksums", action="store_false",
                         help="verify: skip the sha256 of each shard (sizes, shapes and metadata only)")

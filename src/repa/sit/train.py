@@ -2,6 +2,7 @@
 
     repa train                                   # the offline CPU demo (Fashion-MNIST, minutes)
     torchrun --nproc_per_node 8 -m repa.sit.train --config imagenet256 --data LATENTS
+    torchrun --nproc_per_node 8 -m repa.sit.train --config imagenet256 --data FEATURE_CACHE
 
 The step reads top to bottom like the paper's recipe (REPA_FACTS section 3):
 
@@ -9,6 +10,7 @@ The step reads top to bottom like the paper's recipe (REPA_FACTS section 3):
     t ~ uniform | lognormal;  x_t, v = path.interpolate(x, noise, t)
     pred = model(x_t, t, y with 10% dropped to the null class)         # hooks capture blocks.k
     loss = mse(pred, v) + reg(clean_images)                             # REPA, the public API
+           (or reg(features=batch["features"]) when --data is a feature cache: no encoder at all)
     backward; clip grad norm 1.0; AdamW; EMA (model and projectors)
 
 Determinism: the data order is a function of (seed, epoch); the noise, times and label
@@ -33,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +43,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import CheckpointError, ConfigError, WeightsNotFoundError, require
+from ..cache import is_feature_cache
+from ..errors import CacheMismatchError, CheckpointError, ConfigError, WeightsNotFoundError, require
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -112,8 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         g,
         "--data",
-        "folder of IDX files (Fashion-MNIST format), of images (class subfolders = labels) or of prepared "
-        "latents (python -m repa.sit.data prepare-latents); default: /usr/share/datasets/fashion-mnist",
+        "folder of IDX files (Fashion-MNIST format), of images (class subfolders = labels), of prepared "
+        "latents (python -m repa.sit.data prepare-latents), or a feature cache (repa cache: the encoder is then "
+        "never loaded); default: /usr/share/datasets/fashion-mnist",
     )
     add(g, "--resolution", "center-crop size for image folders", type=int)
     add(g, "--vae", "SD-VAE (diffusers AutoencoderKL folder or cached hub id) to encode image folders on the fly")
@@ -281,6 +285,48 @@ def _build_encoders(cfg: TrainConfig, info: DataInfo, dist_info: DistInfo) -> Li
     return encoders
 
 
+def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset, DataInfo, Dict[str, int]]:
+    """``--data`` is a feature cache (``repa cache``): its dataset, what it feeds, and the target widths.
+
+    Every batch then carries the encoders' targets (``batch["features"]``), so the regularizer is
+    built from their widths alone and the frozen encoder is never loaded.
+    """
+    from ..cache import CachedFeatureDataset
+
+    names = cfg.encoder_names if cfg.repa else []
+    if cfg.repa and cfg.enc_weights is not None:
+        raise ConfigError(
+            f"--enc-weights {cfg.enc_weights!r} has no effect with a feature cache ({cfg.data}): its targets were "
+            "computed when the cache was built (see its index.json); drop --enc-weights, or build a cache with "
+            "`repa cache --weights NAME=FILE ...`"
+        )
+    dataset = CachedFeatureDataset(cfg.data, encoders=names, resolution=cfg.resolution)
+    info = dataset.data_info()
+    if info.kind == "pixels" and not dataset.load_images:
+        raise CacheMismatchError(
+            f"the feature cache {cfg.data} holds neither pixels nor VAE latents (built with --no-images and no "
+            "--vae), so there is nothing to train on; rebuild it without --no-images, or with --vae"
+        )
+    if cfg.vae is not None and info.kind == "pixels":
+        raise CacheMismatchError(
+            f"the run trains on SD-VAE latents (vae={cfg.vae!r}) but the feature cache {cfg.data} stores no latent "
+            f"moments; rebuild it with `repa cache ... --vae {cfg.vae}`, or train in pixel space without --vae"
+        )
+    if info.kind == "latents":
+        dataset.load_images = False  # the step needs the moments only
+    entries = {e["name"].lower(): e for e in dataset.index["encoders"]}
+    widths = {name: int(entries[name.lower()]["shape"][1]) for name in dataset.encoder_names}
+    untrained = [n for n in dataset.encoder_names if entries[n.lower()].get("weights", {}).get("source") == "random"]
+    if untrained and dist_info.is_main:
+        print(
+            f"repa train: warning: the feature cache {cfg.data} holds targets of randomly initialized encoder(s) "
+            f"{untrained} (built with --no-pretrained): a control experiment, not REPA with a trained teacher",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataset, info, widths
+
+
 def _check_resume_compatible(saved: Dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     now = cfg.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
@@ -412,6 +458,7 @@ def _train(
         )
 
     # ---------------------------------------------------------------- data
+    cached_widths: Optional[Dict[str, int]] = None  # a feature cache: encoder name -> target width
     if dataset is None:
         if cfg.data is None and cfg.vae is not None:
             raise ConfigError(
@@ -419,7 +466,10 @@ def _train(
                 "(python -m repa.sit.data prepare-latents --data IMAGES --out LATENTS) or an image folder "
                 "(class subfolders = labels, encoded on the fly)"
             )
-        dataset, info = open_dataset(cfg.data, resolution=cfg.resolution, vae=cfg.vae, latent_scale=cfg.latent_scale)
+        if cfg.data is not None and is_feature_cache(cfg.data):
+            dataset, info, cached_widths = _open_feature_cache(cfg, dist_info)
+        else:
+            dataset, info = open_dataset(cfg.data, resolution=cfg.resolution, vae=cfg.vae, latent_scale=cfg.latent_scale)
     else:
         if data_info is None:
             raise ConfigError("train(dataset=...) also needs data_info= (a repa.sit.data.DataInfo)")
@@ -464,7 +514,15 @@ def _train(
                 f"--encoder-depth {cfg.encoder_depth} is outside the model's {len(model.blocks)} blocks; "
                 f"use 1..{len(model.blocks)} (the paper: 8 for SiT-L/XL, 4 for SiT-B)"
             )
-        enc = list(encoders) if encoders is not None else _build_encoders(cfg, info, dist_info)
+        if encoders is not None:
+            enc: Any = list(encoders)
+        elif cached_widths is not None:  # targets come precomputed with every batch: never load the encoder
+            enc = dict(cached_widths)
+        else:
+            enc = _build_encoders(cfg, info, dist_info)
+        # the projectors' initialization depends on the seed only, not on whether building the
+        # encoders drew random numbers (an online encoder does; a feature cache does not)
+        torch.manual_seed(cfg.seed + 1)
         # --encoder-depth counts blocks from 1 (paper and reference); layers= is 0-based: depth 8 -> blocks.7
         reg = REPARegularizer(
             model,
@@ -598,7 +656,7 @@ def _train(
         while step < cfg.max_train_steps and stop is None:
             sampler.set_epoch(epoch, skip_batches=skip)
             for batch in loader:
-                images = batch["image"].to(device, non_blocking=True)  # (b, C, H, W) uint8, the clean images
+                images = batch["image"].to(device, non_blocking=True) if "image" in batch else None  # (b, C, H, W) uint8
                 y = batch["y"].to(device, non_blocking=True)  # (b,)
                 g = step_generator(cfg.seed, step, device)
                 t = sample_time(G, cfg.weighting, path=path, generator=g, device=device)[rows]  # (b,)
