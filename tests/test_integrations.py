@@ -355,6 +355,11 @@ def test_flux_joint_sequence_of_older_diffusers_is_sliced_by_the_forwards_text_l
     loss.backward()
     assert has_grad(model.transformer_blocks) and has_grad(model.single_transformer_blocks)
     assert no_grad(model.proj_out)
+    # reg.remove() takes the selectors' pre-hook (on the model) and stamp hooks (on the blocks) too
+    assert model._forward_pre_hooks
+    reg.remove()
+    assert not model._forward_pre_hooks
+    assert all(not b._forward_hooks for b in model.single_transformer_blocks[:1])
 
 
 def test_flux_modern_blocks_register_no_extra_hooks():

@@ -352,10 +352,13 @@ class REPARegularizer(nn.Module):
             self._capture_enabled = previous
 
     def remove(self) -> None:
-        """Detach every hook from the model. Idempotent."""
+        """Detach every hook from the model, including those of token selectors (older Flux). Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for selector in self._tokens.values():
+            if callable(getattr(selector, "remove", None)):
+                selector.remove()
         self._captures.clear()
 
     def __enter__(self) -> "REPARegularizer":
