@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ARMS = ("vanilla", "online", "cached", "stopped")
+ARMS_CONV = ("vanilla", "repa", "repa-stop", "random-teacher")
 
 # the tiny pair (benchmarks/_common.py): SiT width 64, depth 2, patch 2 on 64/8 = 8x8x4 latents
 # -> 16 tokens; ViT width 32, depth 2, MLP 64, patch 14 on 56 px (224/256 of 64) -> 16 patches + CLS
@@ -260,3 +261,88 @@ def test_gpu_plan_is_the_papers_setup(gpu_module):
         (256, "dinov2-vit-b", "bf16", "cuda", 2048)
     }
     assert gpu_module.fallback_batches("SiT-XL/2", tiny=False) == (256, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/convergence.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def conv_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence
+
+    return convergence
+
+
+def test_steps_to_reach_interpolates_between_evaluations(conv_module):
+    curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
+    assert conv_module.steps_to_reach(curve, 25.0) == pytest.approx(250.0)  # 200 + 100 * (30 - 25) / (30 - 20)
+    assert conv_module.steps_to_reach(curve, 30.0) == pytest.approx(200.0)
+    assert conv_module.steps_to_reach(curve, 45.0) == pytest.approx(125.0)  # 100 + 100 * 5 / 20
+    assert conv_module.steps_to_reach(curve, 60.0) == 100.0  # already there at the first point: a bound
+    assert conv_module.steps_to_reach(curve, 19.9) is None  # never reached
+
+
+def test_summary_speedups_by_hand(conv_module):
+    cfg = conv_module.ConvConfig(steps=300, eval_every=100)
+
+    def run(arm, seed, fds, step_s):
+        return {"arm": arm, "seed": seed, "median_step_s": step_s,
+                "curve": [{"step": s, "fd": f} for s, f in zip((100, 200, 300), fds)]}
+
+    runs = [
+        run("vanilla", 0, [60, 40, 30], 0.2), run("vanilla", 1, [50, 30, 20], 0.2),
+        run("repa", 0, [40, 20, 15], 0.3), run("repa", 1, [30, 20, 10], 0.3),
+    ]
+    s = conv_module.summarize(runs, cfg, {"repa": 6.0})
+    assert s["arms"]["vanilla"]["fd_mean"] == [55, 35, 25]
+    assert s["arms"]["repa"]["fd_mean"] == [35, 20, 12.5]
+    assert s["arms"]["repa"]["fd_std"][0] == pytest.approx(math.sqrt(50))  # sample std of (40, 30)
+    assert s["target_fd"] == 25
+    repa = s["arms"]["repa"]
+    # mean curve 35 -> 20 between steps 100 and 200 crosses 25 at 100 + 100 * 10 / 15
+    reach = 100 + 100 * 10 / 15
+    assert repa["steps_to_vanilla_final"] == pytest.approx(reach)
+    assert repa["speedup_steps"] == pytest.approx(300 / reach)
+    assert repa["speedup_wallclock"] == pytest.approx(300 * 0.2 / (reach * 0.3))
+    assert repa["speedup_wallclock_incl_targets"] == pytest.approx(300 * 0.2 / (reach * 0.3 + 6.0))
+    # per seed, against that seed's vanilla: seed 0 target 30 -> 100 + 100 * 10 / 20 = 150; seed 1 target 20 -> 200
+    assert repa["speedup_steps_per_seed"] == pytest.approx([2.0, 1.5])
+
+
+def test_convergence_tiny_runs_every_arm_and_resumes(tmp_path):
+    out = tmp_path / "conv"
+    args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress"]
+    first = _run("convergence.py", args, tmp_path)
+    result = json.loads((out / "result.json").read_text())
+    cfg = result["config"]
+    assert result["mode"] == "tiny" and cfg["seeds"] == 2 and set(result["summary"]["arms"]) == set(ARMS_CONV)
+    assert len(result["runs"]) == 2 * len(ARMS_CONV)
+    for r in result["runs"]:
+        assert [p["step"] for p in r["curve"]] == [3, 6]
+        assert all(math.isfinite(p["fd"]) and p["fd"] >= 0 for p in r["curve"])
+        assert r["mean_step_s"] > 0
+    # REPA arms align to the registry's fmnist-vit; the control to a random one; both report kNN accuracy
+    assert 0 <= result["teachers"]["trained"]["knn_accuracy"] <= 1 and "random init" in result["teachers"]["random"]["weights"]
+    assert math.isfinite(result["evaluation"]["floor_fd"])
+    # the summary is the mean over seeds of the stored curves
+    for arm, a in result["summary"]["arms"].items():
+        curves = [[p["fd"] for p in r["curve"]] for r in result["runs"] if r["arm"] == arm]
+        assert a["fd_mean"] == pytest.approx([statistics.fmean(c) for c in zip(*curves)])
+    assert "| arm | FD @ 3 | FD @ 6 | s/step |" in first.stdout and "speedup (wall clock)" in first.stdout
+    with open(out / "fd_vs_steps.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses every finished (arm, seed) run and gives the same curves
+    second = _run("convergence.py", args, tmp_path)
+    assert second.stdout.count("reusing") == 2 * len(ARMS_CONV) + 1  # runs + the evaluator
+    again = json.loads((out / "result.json").read_text())
+    assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in result["runs"]]
+
+
+def test_convergence_rejects_bad_options(tmp_path):
+    for bad, message in ((["--arms", "vanilla,nope"], "unknown arm"), (["--samples", "15"], "multiple of 10")):
+        proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--tiny", *bad, "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr

@@ -1,0 +1,732 @@
+"""REPA's benefit at toy scale: Frechet distance against training steps on Fashion-MNIST.
+
+    python benchmarks/convergence.py --quick      # 1 seed, about 10 minutes on 2 CPU cores
+    python benchmarks/convergence.py              # 3 seeds, the full mode (about an hour on 2 cores)
+    python benchmarks/convergence.py --tiny       # seconds: the test suite's smoke run
+
+Four arms train the same pixel-space SiT (``SiT-T/4``: depth 6, width 128, patch 4 -> 7x7
+tokens on 28x28 images) on the same seeds, data order, noise and number of steps:
+
+- ``vanilla``: the velocity loss alone;
+- ``repa``: plus REPA's alignment of block ``--encoder-depth`` to the ``fmnist-vit`` teacher
+  (the registry's Fashion-MNIST ViT, loaded from its local weights), through the public
+  :class:`repa.REPARegularizer` with targets precomputed once (``reg(features=...)``: REPA uses
+  no augmentation, so cached targets are exact);
+- ``repa-stop``: the same with a ``stop_at`` schedule (HASTE) at ``--stop-at`` of the run;
+- ``random-teacher``: the control, REPA towards a randomly initialized ``fmnist-vit`` (does the
+  gain come from good features or from any extra target?).
+
+The evaluator is independent of the teacher: a small CNN classifier trained here on the labels
+(its test accuracy is reported), whose 128-d penultimate features define the Frechet distance
+(FD) between ``--samples`` class-balanced samples of the EMA model and the whole test set. The
+real-vs-real floor (the same number of training images against the test set) is printed beside
+it. Every arm is scored with the same sampler, noise and labels; the protocol never changes per
+arm.
+
+Reported: FD against steps for each arm (mean and spread over seeds), the steps each REPA arm
+needs to reach vanilla's final FD and the speedup (vanilla steps / REPA steps), the same in
+wall-clock time from each arm's measured seconds per step, the teachers' kNN accuracy, a
+markdown table, a JSON file and a PNG plot. Finished runs are stored atomically under
+``--out``/runs, so an interrupted benchmark continues where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, write_json  # noqa: E402
+
+ARMS = ("vanilla", "repa", "repa-stop", "random-teacher")
+ARM_LABELS = {
+    "vanilla": "vanilla",
+    "repa": "REPA",
+    "repa-stop": "REPA + stop",
+    "random-teacher": "REPA, random teacher",
+}
+TEACHER = "fmnist-vit"
+FORMAT = "repa-convergence/1"
+
+
+@dataclass
+class ConvConfig:
+    """Every setting of a convergence benchmark (one field per command-line flag)."""
+
+    model: str = "SiT-T/4"
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    eval_every: int = 250
+    seeds: int = 3
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    ema_decay: float = 0.995
+    cfg_prob: float = 0.1
+    encoder_depth: int = 2
+    proj_coeff: float = 0.5
+    projector_dim: int = 512
+    stop_at: float = 0.5
+    samples: int = 2000
+    sample_steps: int = 10
+    solver: str = "heun"
+    evaluator_epochs: int = 2
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    random_teacher_seed: int = 0
+    arms: Tuple[str, ...] = ARMS
+    threads: Optional[int] = None
+
+    def fingerprint(self) -> str:
+        """What a stored run must share with this config to be reused (everything but threads)."""
+        d = dataclasses.asdict(self)
+        d.pop("threads")
+        d.pop("seeds")
+        d.pop("arms")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def eval_steps(self) -> List[int]:
+        points = list(range(self.eval_every, self.steps + 1, self.eval_every))
+        if not points or points[-1] != self.steps:
+            points.append(self.steps)
+        return points
+
+
+#: ``--quick``: one seed, shorter runs, 1000 samples per evaluation; everything else as the full mode.
+QUICK = dict(seeds=1, steps=400, eval_every=200, samples=1000)
+#: ``--tiny``: a seconds-long smoke run for the test suite (numbers mean nothing).
+TINY = dict(
+    model_kwargs={"depth": 2, "hidden_size": 32, "num_heads": 2},
+    steps=6, eval_every=3, seeds=2, batch_size=8, projector_dim=16, encoder_depth=1, samples=40,
+    sample_steps=2, evaluator_epochs=1, train_limit=256, test_limit=200, stop_at=0.5,
+)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_fashion_mnist(data: Optional[str], cfg: ConvConfig) -> Dict[str, torch.Tensor]:
+    """Train and test images as uint8 (N, 1, 28, 28) tensors with int64 labels."""
+    from repa.sit.data import load_idx_split
+
+    out: Dict[str, torch.Tensor] = {}
+    for split, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
+        images, labels = load_idx_split(data or "/usr/share/datasets/fashion-mnist", split)
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        out[f"{split}_images"], out[f"{split}_labels"] = images.contiguous(), labels
+    return out
+
+
+# ------------------------------------------------------------------------------------ evaluator
+
+
+class Evaluator(nn.Module):
+    """The FD feature extractor: a small CNN classifier; ``features`` is its 128-d penultimate layer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),  # (B, 64, 7, 7)
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(inplace=True),  # (B, 128)
+        )
+        self.head = nn.Linear(128, num_classes)
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 1, H, W) -> float in [-1, 1] (float images in [-1, 1] pass through)."""
+        return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(images))  # (B, 128)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, classes)
+
+
+@torch.no_grad()
+def evaluator_features(evaluator: Evaluator, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    evaluator.eval()
+    return torch.cat([evaluator.features(images[i : i + batch]) for i in range(0, images.shape[0], batch)]).double()
+
+
+def train_evaluator(
+    data: Dict[str, torch.Tensor], epochs: int, *, seed: int = 1234, progress: bool = True, log=print
+) -> Tuple[Evaluator, float]:
+    """Train the CNN on the training labels (Adam, light shift augmentation); return it and its test accuracy."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = Evaluator()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x, y = data["train_images"], data["train_labels"]
+    n, batch = x.shape[0], 128
+    total = epochs * max(1, n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=total)
+    net.train()
+    step = 0
+    bar = tqdm(total=total, desc="evaluator", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1 if n >= batch else 1, batch):
+            idx = perm[i : i + batch]
+            xb = Evaluator.prepare(x[idx])
+            shift = torch.randint(-2, 3, (2,), generator=g).tolist()  # small translations
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step >= total:
+                break
+    bar.close()
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(data["test_images"][i : i + 1000]) for i in range(0, data["test_images"].shape[0], 1000)])
+    acc = float((logits.argmax(1) == data["test_labels"]).float().mean())
+    log(f"evaluator: CNN classifier, {epochs} epoch(s), test accuracy {acc:.4f}")
+    return net, acc
+
+
+def load_or_train_evaluator(
+    data: Dict[str, torch.Tensor], cfg: ConvConfig, folder: Path, *, progress: bool = True, log=print
+) -> Tuple[Evaluator, float]:
+    """The evaluator is trained once per data setting and kept in ``folder`` (safetensors + accuracy)."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([cfg.evaluator_epochs, cfg.train_limit, cfg.test_limit]).encode()).hexdigest()[:12]
+    weights, record = folder / f"evaluator-{key}.safetensors", folder / f"evaluator-{key}.json"
+    if weights.is_file() and record.is_file():
+        net = Evaluator()
+        net.load_state_dict(load_file(str(weights)))
+        acc = float(json.loads(record.read_text())["test_accuracy"])
+        log(f"evaluator: reusing {weights} (test accuracy {acc:.4f})")
+        return net.eval(), acc
+    net, acc = train_evaluator(data, cfg.evaluator_epochs, progress=progress, log=log)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    write_json({"test_accuracy": acc, "epochs": cfg.evaluator_epochs}, str(record))
+    return net, acc
+
+
+# ------------------------------------------------------------------------------------ teachers
+
+
+@torch.no_grad()
+def teacher_targets(encoder: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The encoder's patch tokens of every image, computed once: (N, 49, D) float16."""
+    return torch.cat([encoder(images[i : i + batch]).half() for i in range(0, images.shape[0], batch)])
+
+
+def build_teachers(cfg: ConvConfig, data: Dict[str, torch.Tensor], weights: Optional[str], log=print) -> Dict[str, Any]:
+    """Targets of the trained teacher (registry weights) and of the random-init control, and their kNN accuracy."""
+    from repa.encoders import create_encoder, locate_weights, get_encoder_spec
+    from repa.sit.teacher import knn_accuracy
+
+    out: Dict[str, Any] = {}
+    need = {"trained": any(a in ("repa", "repa-stop") for a in cfg.arms), "random": "random-teacher" in cfg.arms}
+    for kind in ("trained", "random"):
+        if not need[kind]:
+            continue
+        t0 = time.perf_counter()
+        if kind == "trained":
+            encoder = create_encoder(TEACHER, weights=weights)
+            found = weights or str(locate_weights(get_encoder_spec(TEACHER))[0])
+        else:
+            torch.manual_seed(cfg.random_teacher_seed)
+            encoder = create_encoder(TEACHER, pretrained=False)
+            found = f"random init (seed {cfg.random_teacher_seed})"
+        targets = teacher_targets(encoder, data["train_images"])  # (N, 49, D)
+        seconds = time.perf_counter() - t0
+        test_pooled = teacher_targets(encoder, data["test_images"]).float().mean(1)
+        k = min(20, targets.shape[0])
+        acc = knn_accuracy(targets.float().mean(1), data["train_labels"], test_pooled, data["test_labels"], k)
+        out[kind] = {"targets": targets, "knn_accuracy": acc, "weights": found, "seconds": seconds,
+                     "embed_dim": int(targets.shape[-1])}
+        log(f"teacher ({kind}): {found}; kNN accuracy {acc:.4f} (k={k}, cosine, mean-pooled tokens); "
+            f"targets {tuple(targets.shape)} computed once in {seconds:.1f} s")
+    pixels = knn_accuracy(data["train_images"].flatten(1).float(), data["train_labels"],
+                          data["test_images"].flatten(1).float(), data["test_labels"], min(20, data["train_images"].shape[0]))
+    out["pixel_knn_accuracy"] = pixels
+    log(f"raw pixels: kNN accuracy {pixels:.4f} (same protocol)")
+    return out
+
+
+# ------------------------------------------------------------------------------------ one run
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1_000_003 * (seed + 1) + step)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, cfg: ConvConfig, n: int, batch: int = 500) -> torch.Tensor:
+    """``n`` class-balanced samples in [-1, 1] (n, 1, 28, 28), the same noise and labels for every arm."""
+    from repa.sit.sampling import sample
+
+    model.eval()
+    g = torch.Generator().manual_seed(20241007)
+    labels = torch.arange(n) % 10
+    noise = torch.randn(n, 1, 28, 28, generator=g)
+    out = []
+    for i in range(0, n, batch):
+        x = sample(model, noise[i : i + batch], labels[i : i + batch], method="ode", solver=cfg.solver,
+                   steps=cfg.sample_steps, cfg_scale=1.0, path="linear")
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def run_arm(
+    arm: str,
+    seed: int,
+    cfg: ConvConfig,
+    data: Dict[str, torch.Tensor],
+    teachers: Dict[str, Any],
+    fd_fn,
+    *,
+    progress: bool = True,
+    save_to: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Train one arm on one seed; FD of the EMA model at every evaluation step; seconds per training step.
+
+    ``save_to``: also store the final EMA weights there (safetensors, written atomically).
+    """
+    from tqdm.auto import tqdm
+
+    from repa import REPARegularizer
+    from repa.schedules import StopAt
+    from repa.sit.configs import build_model
+    from repa.sit.ema import EMA
+    from repa.sit.transport import get_path, sample_time, velocity_loss
+
+    torch.manual_seed(seed)  # the same SiT initialization in every arm
+    model = build_model(cfg.model, input_size=28, in_channels=1, num_classes=10, class_dropout_prob=cfg.cfg_prob,
+                        **cfg.model_kwargs)
+    reg = None
+    targets = None
+    if arm != "vanilla":
+        teacher = teachers["random" if arm == "random-teacher" else "trained"]
+        targets = teacher["targets"]
+        weight: Any = cfg.proj_coeff
+        if arm == "repa-stop":
+            weight = StopAt(cfg.proj_coeff, stop=int(round(cfg.stop_at * cfg.steps)))
+        torch.manual_seed(seed + 7919)  # projectors: their own stream, the SiT init stays shared
+        reg = REPARegularizer(model, layers=cfg.encoder_depth - 1, encoders={TEACHER: teacher["embed_dim"]},
+                              weight=weight, projector_dim=cfg.projector_dim)
+    params = list(model.parameters()) + (list(reg.parameters()) if reg is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    ema = EMA({"model": model}, cfg.ema_decay)
+    path = get_path("linear")
+    images, labels = data["train_images"], data["train_labels"]
+    n = images.shape[0]
+    order = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(n, generator=order), 0
+    evals = set(cfg.eval_steps())
+    curve: List[Dict[str, Any]] = []
+    step_seconds: List[float] = []
+    align_losses: List[float] = []
+    bar = tqdm(total=cfg.steps, desc=f"{arm} seed {seed}", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    model.train()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        if cursor + cfg.batch_size > n:
+            perm, cursor = torch.randperm(n, generator=order), 0
+        idx = perm[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        x = images[idx].float() / 127.5 - 1  # (B, 1, 28, 28)
+        g = _step_generator(seed, step)
+        t = sample_time(x.shape[0], "uniform", path=path, generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        drop = (torch.rand(x.shape[0], generator=g) < cfg.cfg_prob).long()
+        x_t, v = path.interpolate(x, noise, t)
+        pred = model(x_t, t, labels[idx], force_drop_ids=drop)
+        loss = velocity_loss(pred, v).mean()
+        if reg is not None:
+            align = reg(features={TEACHER: targets[idx].float()})
+            loss = loss + align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update({"model": model}, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step_seconds.append(time.perf_counter() - t0)
+        if reg is not None:
+            align_losses.append(float(align.detach()))
+        bar.update(1)
+        if step + 1 in evals:
+            t1 = time.perf_counter()
+            samples = generate(ema["model"], cfg, cfg.samples)
+            fd = fd_fn(samples)
+            curve.append({"step": step + 1, "fd": fd, "eval_seconds": time.perf_counter() - t1})
+            bar.set_postfix(fd=f"{fd:.1f}")
+            model.train()
+    bar.close()
+    if reg is not None:
+        reg.remove()
+    if save_to is not None:
+        _save_weights(ema["model"], save_to)
+    return {
+        "arm": arm,
+        "seed": seed,
+        "curve": curve,
+        "median_step_s": statistics.median(step_seconds),
+        "mean_step_s": statistics.fmean(step_seconds),
+        "train_seconds": sum(step_seconds),
+        "final_loss_align": statistics.fmean(align_losses[-50:]) if align_losses else None,
+    }
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def sampler_check(cfg: ConvConfig, runs_dir: Path, fd_fn, arms: Sequence[str] = ("vanilla", "repa")) -> List[Dict[str, Any]]:
+    """FD of seed 0's final EMA models under the benchmark's sampler and two finer ones.
+
+    Shows whether the sampler's discretization, rather than the model, dominates the FD.
+    """
+    from safetensors.torch import load_file
+
+    from repa.sit.configs import build_model
+
+    settings = [(cfg.solver, cfg.sample_steps), ("heun", 2 * cfg.sample_steps), ("euler", 50)]
+    rows = []
+    for arm in arms:
+        path = runs_dir / f"{arm}-seed0.safetensors"
+        if not path.is_file():
+            continue
+        model = build_model(cfg.model, input_size=28, in_channels=1, num_classes=10, **cfg.model_kwargs)
+        model.load_state_dict(load_file(str(path)))
+        row: Dict[str, Any] = {"arm": arm}
+        for solver, steps in settings:
+            check = dataclasses.replace(cfg, solver=solver, sample_steps=steps)
+            row[f"{solver}-{steps}"] = fd_fn(generate(model, check, cfg.samples))
+        rows.append(row)
+        print(f"sampler check, {arm} seed 0 at step {cfg.steps}: "
+              + ", ".join(f"{k} FD {v:.2f}" for k, v in row.items() if k != "arm"), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ analysis
+
+
+def steps_to_reach(curve: Sequence[Tuple[float, float]], target: float) -> Optional[float]:
+    """The first step at which a piecewise-linear FD curve [(step, fd), ...] comes down to ``target``.
+
+    Linear interpolation between the two evaluation points around the crossing; None if the
+    curve never reaches ``target``; the first point's step if it is already at or below it (so
+    the speedup computed from it is a lower bound).
+    """
+    prev: Optional[Tuple[float, float]] = None
+    for s, fd in curve:
+        if fd <= target:
+            if prev is None or prev[1] == fd:
+                return float(s)
+            s0, f0 = prev
+            return s0 + (s - s0) * (f0 - target) / (f0 - fd)
+        prev = (s, fd)
+    return None
+
+
+def summarize(runs: List[Dict[str, Any]], cfg: ConvConfig, target_seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Mean and spread of FD per arm and step; steps and wall-clock speedups to vanilla's final FD.
+
+    ``target_seconds``: arm -> one-time seconds spent computing its teacher's targets; when
+    given, a second wall-clock speedup charges that time to the arm.
+    """
+    by_arm: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    steps = cfg.eval_steps()
+    arms: Dict[str, Any] = {}
+    for arm, rs in by_arm.items():
+        fds = [[p["fd"] for p in r["curve"]] for r in rs]  # seeds x points
+        mean = [statistics.fmean(col) for col in zip(*fds)]
+        arms[arm] = {
+            "label": ARM_LABELS[arm],
+            "seeds": [r["seed"] for r in rs],
+            "fd_mean": mean,
+            "fd_min": [min(col) for col in zip(*fds)],
+            "fd_max": [max(col) for col in zip(*fds)],
+            "fd_std": [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*fds)],
+            "step_s": statistics.fmean(r["median_step_s"] for r in rs),  # steady state, no warm-up step
+        }
+    out: Dict[str, Any] = {"steps": steps, "arms": arms}
+    if "vanilla" not in arms:
+        return out
+    van = arms["vanilla"]
+    target = van["fd_mean"][-1]
+    out["target_fd"] = target
+    vanilla_seconds = cfg.steps * van["step_s"]
+    for arm, a in arms.items():
+        if arm == "vanilla":
+            continue
+        reach = steps_to_reach(list(zip(steps, a["fd_mean"])), target)
+        a["steps_to_vanilla_final"] = reach
+        a["speedup_steps"] = cfg.steps / reach if reach else None
+        a["speedup_wallclock"] = vanilla_seconds / (reach * a["step_s"]) if reach else None
+        if target_seconds is not None:
+            extra = target_seconds.get(arm, 0.0)
+            a["target_seconds"] = extra
+            a["speedup_wallclock_incl_targets"] = vanilla_seconds / (reach * a["step_s"] + extra) if reach else None
+        a["reached_at_first_eval"] = bool(reach is not None and reach == steps[0])
+        per_seed = []
+        for r in by_arm[arm]:
+            v = next((x for x in by_arm["vanilla"] if x["seed"] == r["seed"]), None)
+            if v is None:
+                continue
+            rs = steps_to_reach([(p["step"], p["fd"]) for p in r["curve"]], v["curve"][-1]["fd"])
+            per_seed.append(cfg.steps / rs if rs else None)
+        a["speedup_steps_per_seed"] = per_seed
+    return out
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _num(x: float) -> str:
+    """Three significant digits, no exponent for the FD range (0.01 .. 10^4)."""
+    return f"{x:.1f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def format_tables(result: Dict[str, Any]) -> str:
+    s = result["summary"]
+    steps = s["steps"]
+    lines = ["| arm | " + " | ".join(f"FD @ {k}" for k in steps) + " | s/step |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for arm in ARMS:
+        if arm not in s["arms"]:
+            continue
+        a = s["arms"][arm]
+        cells = [f"{_num(m)} ± {_num(d)}" if len(a["seeds"]) > 1 else _num(m) for m, d in zip(a["fd_mean"], a["fd_std"])]
+        lines.append(f"| {a['label']} | " + " | ".join(cells) + f" | {a['step_s']:.4f} |")
+    if "target_fd" in s:
+        lines += ["", f"Target: vanilla's final FD {_num(s['target_fd'])} at step {steps[-1]}.", "",
+                  "| arm | steps to reach it | speedup (steps) | per seed | speedup (wall clock) | with the one-time targets |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for arm in ARMS[1:]:
+            if arm not in s["arms"]:
+                continue
+            a = s["arms"][arm]
+            reach = a["steps_to_vanilla_final"]
+            bound = ">= " if a["reached_at_first_eval"] else ""
+            per_seed = ", ".join(_fmt(x, ".2f") for x in a["speedup_steps_per_seed"])
+            lines.append(
+                f"| {a['label']} | {'not reached' if reach is None else f'{reach:.0f}'} | "
+                f"{bound}{_fmt(a['speedup_steps'], '.2f')} | {per_seed} | {bound}{_fmt(a['speedup_wallclock'], '.2f')} | "
+                f"{bound}{_fmt(a.get('speedup_wallclock_incl_targets'), '.2f')} |"
+            )
+    checks = result.get("sampler_check")
+    if checks:
+        keys = [k for k in checks[0] if k != "arm"]
+        lines += ["", f"Sampler check (seed 0, final EMA model, FD of {result['config']['samples']} samples):", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for row in checks:
+            lines.append(f"| {ARM_LABELS[row['arm']]} | " + " | ".join(_num(row[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
+    """FD against steps, one line per arm (mean over seeds, band = min..max), the floor dashed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    s = result["summary"]
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {"vanilla": "#444444", "repa": "#d62728", "repa-stop": "#ff7f0e", "random-teacher": "#1f77b4"}
+    for arm in ARMS:
+        if arm not in s["arms"]:
+            continue
+        a = s["arms"][arm]
+        ax.plot(s["steps"], a["fd_mean"], marker="o", ms=3, color=colors[arm], label=f"{a['label']} ({len(a['seeds'])} seeds)")
+        if len(a["seeds"]) > 1:
+            ax.fill_between(s["steps"], a["fd_min"], a["fd_max"], color=colors[arm], alpha=0.15, lw=0)
+    ax.axhline(result["evaluation"]["floor_fd"], ls="--", color="gray", lw=1, label="real vs real (floor)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"FD (CNN features, {result['config']['samples']} samples vs test set)")
+    ax.set_title("Fashion-MNIST, SiT-T/4: FD against steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(str(tmp), format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    d = ConvConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"one seed, shorter runs ({QUICK})")
+    mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests); its numbers mean nothing")
+    p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--teacher-weights", default=None, help="fmnist-vit weights file (default: the registry's local weights)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/convergence-<mode>)")
+    p.add_argument("--evaluator-dir", default=None,
+                   help="where the trained evaluator is kept and reused (default: benchmarks/results/evaluator)")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    for f in dataclasses.fields(ConvConfig):
+        if f.name in ("arms", "model_kwargs"):
+            continue
+        kind = {int: int, float: float, str: str}.get(type(getattr(d, f.name)), int)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"(default: {getattr(d, f.name)})")
+    p.add_argument("--check-sampler", action="store_true",
+                   help="also score seed 0's final vanilla and REPA models with 2x the sampler steps and with Euler 50")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> ConvConfig:
+    values: Dict[str, Any] = {}
+    if args.quick:
+        values.update(QUICK)
+    if args.tiny:
+        values.update(TINY)
+    for f in dataclasses.fields(ConvConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name not in ("arms", "model_kwargs"):
+            values[f.name] = v
+    if args.arms:
+        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+        bad = [a for a in arms if a not in ARMS]
+        if bad:
+            raise SystemExit(f"convergence.py: unknown arm(s) {bad}; choose from {list(ARMS)}")
+        values["arms"] = arms
+    cfg = ConvConfig(**values)
+    if not 1 <= cfg.stop_at * cfg.steps <= cfg.steps:
+        raise SystemExit(f"convergence.py: --stop-at {cfg.stop_at} must be a fraction in (0, 1] of the run")
+    if cfg.samples < 10 or cfg.samples % 10:
+        raise SystemExit(f"convergence.py: --samples {cfg.samples} must be a positive multiple of 10 (class-balanced)")
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"convergence-{mode}")
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
+    t_start = time.perf_counter()
+    print(f"convergence benchmark ({mode}): {command}", flush=True)
+
+    from repa.metrics import feature_stats, frechet_distance_from_stats
+
+    data = load_fashion_mnist(args.data, cfg)
+    ev_dir = Path(args.evaluator_dir or Path(__file__).resolve().parent / "results" / "evaluator")
+    evaluator, eval_acc = load_or_train_evaluator(data, cfg, ev_dir, progress=progress)
+    ref_mu, ref_sigma = feature_stats(evaluator_features(evaluator, data["test_images"]))
+
+    def fd_fn(images: torch.Tensor) -> float:
+        mu, sigma = feature_stats(evaluator_features(evaluator, images))
+        return float(frechet_distance_from_stats(mu, sigma, ref_mu, ref_sigma))
+
+    g = torch.Generator().manual_seed(99)
+    real = data["train_images"][torch.randperm(data["train_images"].shape[0], generator=g)[: cfg.samples]]
+    floor = fd_fn(real)
+    print(f"real vs real: FD {floor:.2f} ({real.shape[0]} training images vs {data['test_images'].shape[0]} test images)")
+    teachers = build_teachers(cfg, data, args.teacher_weights, log=print)
+
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    fingerprint = cfg.fingerprint()
+    runs: List[Dict[str, Any]] = []
+    for seed in range(cfg.seeds):
+        for arm in cfg.arms:  # interleaved by seed, so machine drift lands on every arm
+            record = runs_dir / f"{arm}-seed{seed}.json"
+            if record.is_file():
+                stored = json.loads(record.read_text())
+                if stored.get("fingerprint") == fingerprint:
+                    print(f"{arm} seed {seed}: reusing {record}")
+                    runs.append(stored)
+                    continue
+            r = run_arm(arm, seed, cfg, data, teachers, fd_fn, progress=progress,
+                        save_to=runs_dir / f"{arm}-seed{seed}.safetensors")
+            r["fingerprint"] = fingerprint
+            write_json(r, str(record))
+            runs.append(r)
+            print(f"{arm} seed {seed}: FD " + ", ".join(f"{p['step']}: {p['fd']:.1f}" for p in r["curve"])
+                  + f"; {r['mean_step_s']:.4f} s/step", flush=True)
+
+    checks = sampler_check(cfg, runs_dir, fd_fn) if args.check_sampler else None
+    result: Dict[str, Any] = {
+        "format": FORMAT,
+        "mode": mode,
+        "command": command,
+        "config": dataclasses.asdict(cfg),
+        "environment": environment(torch.device("cpu")),
+        "evaluation": {
+            "evaluator": "CNN classifier (3 conv layers + 128-d hidden layer, whose activations are the FD features)",
+            "evaluator_test_accuracy": eval_acc,
+            "reference": f"Fashion-MNIST test set ({data['test_images'].shape[0]} images)",
+            "floor_fd": floor,
+            "sampler": f"ODE {cfg.solver}, {cfg.sample_steps} steps, no guidance, EMA {cfg.ema_decay} weights",
+        },
+        "teachers": {k: {kk: vv for kk, vv in v.items() if kk != "targets"} if isinstance(v, dict) else v
+                     for k, v in teachers.items()},
+        "runs": runs,
+        "sampler_check": checks,
+        "summary": summarize(runs, cfg, {
+            arm: teachers["random" if arm == "random-teacher" else "trained"]["seconds"]
+            for arm in cfg.arms if arm != "vanilla"
+        }),
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    write_json(result, str(out / "result.json"))
+    png = plot(result, out / "fd_vs_steps.png")
+    print()
+    print(format_tables(result))
+    print()
+    print(f"evaluator test accuracy {eval_acc:.4f}; real-vs-real floor FD {floor:.2f}; "
+          f"teacher kNN {teachers['trained']['knn_accuracy']:.4f}" if "trained" in teachers else "")
+    print(f"wrote {out / 'result.json'}" + (f" and {png}" if png else "") + f" in {result['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
