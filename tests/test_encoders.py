@@ -710,3 +710,10 @@ def test_importing_the_registry_loads_neither_timm_nor_huggingface_hub():
     code = "import sys, repa.encoders; print('timm' in sys.modules, 'huggingface_hub' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_embed_dim_override_reaches_the_spec_and_the_tokens():
+    enc = create_encoder("fmnist-vit", pretrained=False, embed_dim=48, num_heads=3)
+    assert enc.embed_dim == 48 and enc.spec.embed_dim == 48
+    tokens = enc(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    assert tokens.shape == (2, 49, 48)

@@ -182,6 +182,8 @@ def create_encoder(
         model = factory(spec, **kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the factory of encoder {spec.name!r} must return an nn.Module, got {type(model).__name__}")
+    if "embed_dim" in kwargs and int(kwargs["embed_dim"]) != spec.embed_dim:  # a narrower/wider variant
+        spec = dataclasses.replace(spec, embed_dim=int(kwargs["embed_dim"]))
     if source is not None:
         from .checkpoints import load_encoder_state_dict
 
