@@ -70,8 +70,8 @@ class ConvConfig:
 
     model: str = "SiT-T/4"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    steps: int = 1000
-    eval_every: int = 250
+    steps: int = 600
+    eval_every: int = 200
     seeds: int = 3
     batch_size: int = 64
     learning_rate: float = 1e-3
