@@ -574,7 +574,7 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
         if arm not in s["arms"]:
             continue
         a = s["arms"][arm]
-        ax.plot(s["steps"], a["fd_mean"], marker="o", ms=3, color=colors[arm], label=f"{a['label']} ({len(a['seeds'])} seeds)")
+        ax.plot(s["steps"], a["fd_mean"], marker="o", ms=3, color=colors[arm], label=f"{a['label']} ({len(a['seeds'])} seed{'s' if len(a['seeds']) > 1 else ''})")
         if len(a["seeds"]) > 1:
             ax.fill_between(s["steps"], a["fd_min"], a["fd_max"], color=colors[arm], alpha=0.15, lw=0)
     ax.axhline(result["evaluation"]["floor_fd"], ls="--", color="gray", lw=1, label="real vs real (floor)")
