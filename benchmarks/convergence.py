@@ -106,8 +106,8 @@ class ConvConfig:
         return points
 
 
-#: ``--quick``: one seed, shorter runs, 1000 samples per evaluation; everything else as the full mode.
-QUICK = dict(seeds=1, steps=400, eval_every=200, samples=1000)
+#: ``--quick``: one seed, 200 steps, 1000 samples per evaluation with Heun 6; the rest as the full mode.
+QUICK = dict(seeds=1, steps=200, eval_every=100, samples=1000, sample_steps=6)
 #: ``--tiny``: a seconds-long smoke run for the test suite (numbers mean nothing).
 TINY = dict(
     model_kwargs={"depth": 2, "hidden_size": 32, "num_heads": 2},
