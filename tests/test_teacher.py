@@ -17,6 +17,7 @@ from repa.sit import teacher
 from repa.sit.data import write_idx
 
 TINY = dict(depth=1, mlp_ratio=1.0)  # constructor overrides: one block keeps tests fast
+SUBSET = (10000, 2000)  # training images as the kNN memory, test images as queries
 
 
 @pytest.fixture
@@ -247,3 +248,40 @@ def test_ensure_teacher_trains_when_nothing_is_found(repa_home, monkeypatch, fak
     path = teacher.ensure_teacher(quiet=True)
     assert calls == [None] and path == local_weights_path("fmnist-vit") and path.is_file()
     assert json.loads(path.with_suffix(".json").read_text())["objective"] == teacher.DEFAULT_OBJECTIVE
+
+
+def _cosine_knn(bank, bank_labels, queries, query_labels, k=20, classes=10):
+    """An independent kNN: cosine similarity, k nearest, votes weighted by similarity (loops over queries)."""
+    bank = bank.double() / bank.double().norm(dim=1, keepdim=True)
+    correct = 0
+    for q, y in zip(queries.double(), query_labels.tolist()):
+        sim = bank @ (q / q.norm())  # (n,)
+        top = torch.argsort(sim, descending=True)[:k]
+        votes = [0.0] * classes
+        for i in top.tolist():
+            votes[int(bank_labels[i])] += float(sim[i])
+        correct += int(max(range(classes), key=lambda c: (votes[c], -c)) == y)
+    return correct / len(queries)
+
+
+def test_shipped_teacher_is_self_supervised_and_beats_raw_pixels(fashion_mnist_dir):
+    """The record beside the shipped weights, and an independent re-measurement on a subset."""
+    from repa.sit.data import load_idx_split
+
+    assets = Path(teacher.__file__).resolve().parents[1] / "encoders" / "assets"
+    record = json.loads((assets / "fmnist-vit.json").read_text())
+    assert record["self_supervised"] is True and record["objective"] in ("simclr-nn", "simclr")
+    assert record["knn_accuracy"] > record["pixel_knn_accuracy"], record
+
+    images, labels = load_idx_split(fashion_mnist_dir, "train")
+    test_images, test_labels = load_idx_split(fashion_mnist_dir, "test")
+    n_bank, n_query = SUBSET
+    bank, bank_y = torch.from_numpy(images[:n_bank]), torch.from_numpy(labels[:n_bank]).long()
+    query, query_y = torch.from_numpy(test_images[:n_query]), torch.from_numpy(test_labels[:n_query]).long()
+    enc = create_encoder("fmnist-vit", weights=assets / "fmnist-vit.safetensors")
+    with torch.no_grad():
+        feats_bank = torch.cat([enc(bank[i : i + 1000]).mean(1) for i in range(0, n_bank, 1000)])  # (n, 96)
+        feats_query = enc(query).mean(1)
+    ours = _cosine_knn(feats_bank, bank_y, feats_query, query_y)
+    pixels = _cosine_knn(bank.flatten(1).float(), bank_y, query.flatten(1).float(), query_y)
+    assert ours > pixels, (ours, pixels)
