@@ -1,7 +1,7 @@
 """REPA's benefit at toy scale: Frechet distance against training steps on Fashion-MNIST.
 
-    python benchmarks/convergence.py --quick      # 1 seed, about 10 minutes on 2 CPU cores
-    python benchmarks/convergence.py              # 3 seeds, the full mode (about an hour on 2 cores)
+    python benchmarks/convergence.py --quick      # 1 seed, 200 steps: about 9 minutes on 2 CPU cores
+    python benchmarks/convergence.py              # 3 seeds, 600 steps: the full mode (72 minutes on 2 cores)
     python benchmarks/convergence.py --tiny       # seconds: the test suite's smoke run
 
 Four arms train the same pixel-space SiT (``SiT-T/4``: depth 6, width 128, patch 4 -> 7x7
