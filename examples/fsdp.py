@@ -18,7 +18,9 @@ across 2 CPU processes. What makes REPA work under FSDP:
   - the frozen encoder is never sharded: FSDP1 refuses units that mix frozen and trainable
     weights, and a frozen encoder has nothing to gain from sharding; it stays a plain module
     on each device, outside ``reg.parameters()`` and ``reg.state_dict()``;
-  - the checkpoint is the model's full state dict, projectors included (``repa_projectors.*``).
+  - the checkpoint is the model's full state dict, projectors included (``repa_projectors.*``);
+    ``reg.save_pretrained(dir)``, called on every rank, gathers the sharded projectors and
+    rank 0 writes them for ``REPARegularizer.from_pretrained``.
 
 Each step draws the GLOBAL batch from a seed and every process takes its rows, so N processes
 compute what one process does on the whole batch; the last line prints a checksum of the
@@ -184,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 torch.save({"model": state, "repa_step": int(reg.step)}, path + ".tmp")
                 os.replace(path + ".tmp", path)
                 print(f"saved {path}")
+            reg.save_pretrained(os.path.join(args.out, "repa"))  # every rank: it gathers the shards; rank 0 writes
         if rank == 0:
             print(f"projector checksum: {checksum:.10f}")
         return 0

@@ -182,8 +182,14 @@ def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_plain_unsharded_training(tmp_path):
     """FSDP2 on 2 gloo processes == the same 3 steps without any sharding, in this process."""
-    two = run_example("fsdp.py", "--tiny", "--steps", "3", home=tmp_path, nproc=2)
+    two = run_example("fsdp.py", "--tiny", "--steps", "3", "--out", str(tmp_path / "out"), home=tmp_path, nproc=2)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "processes: 2; FSDP2 on cpu" in two.stdout
     expected = plain_training(_load_example("fsdp.py"), steps=3, weight=0.5)
     assert checksum(two.stdout) == pytest.approx(expected, rel=1e-6)
+    # reg.save_pretrained gathered the sharded projectors: the saved weights sum to the same checksum
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "repa" / "repa_projectors.safetensors"))
+    assert int(saved.pop("step")) == 3  # the regularizer's step counter is saved with the projectors
+    assert sum(float(v.double().sum()) for v in saved.values()) == pytest.approx(expected, rel=1e-6)

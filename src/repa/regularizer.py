@@ -626,13 +626,21 @@ class REPARegularizer(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write the projector weights (safetensors, config in its metadata) and a JSON config."""
+        """Write the projector weights (safetensors, config in its metadata) and a JSON config.
+
+        Projectors sharded by FSDP2 (``fully_shard``; their weights are DTensors) are gathered
+        first, which is a collective: call it on every rank then; rank 0 writes the files.
+        """
         from safetensors.torch import save_file
 
+        state = self.state_dict()
+        sharded = any(_is_dtensor(v) for v in state.values())
+        tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous() for k, v in state.items()}
+        if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
         os.makedirs(directory, exist_ok=True)
         config = {**self.config, "repa_version": __version__}
         text = json.dumps(config, indent=2, sort_keys=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"repa_config": text}))
         _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w").write(text + "\n"))
 
@@ -700,6 +708,15 @@ class REPARegularizer(nn.Module):
             f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
+
+
+def _is_dtensor(t: Any) -> bool:
+    """True for a distributed tensor (e.g. an FSDP2-sharded weight); without importing it eagerly."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # builds without distributed support
+        return False
+    return isinstance(t, DTensor)
 
 
 def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
