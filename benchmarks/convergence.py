@@ -642,6 +642,38 @@ def config_from_args(args: argparse.Namespace) -> ConvConfig:
     return cfg
 
 
+def prepare(
+    cfg: ConvConfig,
+    *,
+    data_dir: Optional[str] = None,
+    evaluator_dir: Optional[str] = None,
+    teacher_weights: Optional[str] = None,
+    progress: bool = True,
+) -> Tuple[Dict[str, torch.Tensor], Any, float, float, Dict[str, Any]]:
+    """What every run shares: the data, the FD function, the real-vs-real floor, the evaluator's accuracy, the teachers.
+
+    Returns ``(data, fd_fn, floor, evaluator_accuracy, teachers)``; ``fd_fn(images)`` is the FD
+    of float images in [-1, 1] against the test set in the evaluator's feature space.
+    """
+    from repa.metrics import feature_stats, frechet_distance_from_stats
+
+    data = load_fashion_mnist(data_dir, cfg)
+    ev_dir = Path(evaluator_dir or Path(__file__).resolve().parent / "results" / "evaluator")
+    evaluator, eval_acc = load_or_train_evaluator(data, cfg, ev_dir, progress=progress)
+    ref_mu, ref_sigma = feature_stats(evaluator_features(evaluator, data["test_images"]))
+
+    def fd_fn(images: torch.Tensor) -> float:
+        mu, sigma = feature_stats(evaluator_features(evaluator, images))
+        return float(frechet_distance_from_stats(mu, sigma, ref_mu, ref_sigma))
+
+    g = torch.Generator().manual_seed(99)
+    real = data["train_images"][torch.randperm(data["train_images"].shape[0], generator=g)[: cfg.samples]]
+    floor = fd_fn(real)
+    print(f"real vs real: FD {floor:.2f} ({real.shape[0]} training images vs {data['test_images'].shape[0]} test images)")
+    teachers = build_teachers(cfg, data, teacher_weights, log=print)
+    return data, fd_fn, floor, eval_acc, teachers
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
@@ -655,22 +687,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     print(f"convergence benchmark ({mode}): {command}", flush=True)
 
-    from repa.metrics import feature_stats, frechet_distance_from_stats
-
-    data = load_fashion_mnist(args.data, cfg)
-    ev_dir = Path(args.evaluator_dir or Path(__file__).resolve().parent / "results" / "evaluator")
-    evaluator, eval_acc = load_or_train_evaluator(data, cfg, ev_dir, progress=progress)
-    ref_mu, ref_sigma = feature_stats(evaluator_features(evaluator, data["test_images"]))
-
-    def fd_fn(images: torch.Tensor) -> float:
-        mu, sigma = feature_stats(evaluator_features(evaluator, images))
-        return float(frechet_distance_from_stats(mu, sigma, ref_mu, ref_sigma))
-
-    g = torch.Generator().manual_seed(99)
-    real = data["train_images"][torch.randperm(data["train_images"].shape[0], generator=g)[: cfg.samples]]
-    floor = fd_fn(real)
-    print(f"real vs real: FD {floor:.2f} ({real.shape[0]} training images vs {data['test_images'].shape[0]} test images)")
-    teachers = build_teachers(cfg, data, args.teacher_weights, log=print)
+    data, fd_fn, floor, eval_acc, teachers = prepare(
+        cfg, data_dir=args.data, evaluator_dir=args.evaluator_dir, teacher_weights=args.teacher_weights, progress=progress
+    )
 
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)

@@ -346,3 +346,64 @@ def test_convergence_rejects_bad_options(tmp_path):
         proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--tiny", *bad, "--out", str(tmp_path)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/convergence_sweep.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def sweep_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence_sweep
+
+    return convergence_sweep
+
+
+def test_sweep_variants_parse_and_share_the_right_vanilla(sweep_module, conv_module):
+    base = conv_module.ConvConfig(steps=600, learning_rate=1e-3)
+    name, arm, cfg = sweep_module.parse_variant("w2:proj_coeff=2,encoder_depth=3", base)
+    assert (name, arm, cfg.proj_coeff, cfg.encoder_depth, cfg.learning_rate) == ("w2", "repa", 2.0, 3, 1e-3)
+    # REPA-only changes share the base's vanilla; a learning-rate change gets its own
+    assert sweep_module.vanilla_config(cfg, base).fingerprint() == base.fingerprint()
+    _, arm, lr = sweep_module.parse_variant("lr:learning_rate=5e-4,arm=random-teacher", base)
+    assert arm == "random-teacher"
+    assert sweep_module.vanilla_config(lr, base).fingerprint() != base.fingerprint()
+    assert sweep_module.vanilla_config(lr, base).learning_rate == 5e-4
+    for bad in ("nocolon", "x:nope=1", "x:steps", "x:arm=vanilla", "x:steps=abc"):
+        with pytest.raises(SystemExit):
+            sweep_module.parse_variant(bad, base)
+
+
+def test_sweep_speedups_by_hand(sweep_module):
+    def run(fds, step_s):
+        return {"median_step_s": step_s, "curve": [{"step": s, "fd": f} for s, f in zip((100, 200, 300), fds)]}
+
+    s = sweep_module.speedups(run([40, 20, 15], 0.3), run([60, 40, 30], 0.2), 300)
+    # REPA's 40 -> 20 between steps 100 and 200 crosses vanilla's final 30 at step 150
+    assert s["steps_to_vanilla_final"] == pytest.approx(150)
+    assert s["speedup_steps"] == pytest.approx(2.0)
+    assert s["speedup_wallclock"] == pytest.approx(300 * 0.2 / (150 * 0.3))
+    never = sweep_module.speedups(run([70, 50, 35], 0.3), run([60, 40, 30], 0.2), 300)
+    assert never["steps_to_vanilla_final"] is None and never["speedup_steps"] is None
+
+
+def test_sweep_tiny_runs_and_reuses_the_shared_vanilla(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress",
+            "base:", "w2:proj_coeff=2", "rnd:arm=random-teacher"]
+    first = _run("convergence_sweep.py", args, tmp_path)
+    result = json.loads((out / "result.json").read_text())
+    assert [v["name"] for v in result["variants"]] == ["base", "w2", "rnd"]
+    assert [v["arm"] for v in result["variants"]] == ["repa", "repa", "random-teacher"]
+    assert result["variants"][1]["changes"] == "proj_coeff=2.0"
+    # one vanilla run serves all three variants: it is trained once and reused twice
+    assert first.stdout.count("vanilla (") == 3 and first.stdout.count("reusing") == 2
+    for v in result["variants"]:
+        assert all(math.isfinite(p["fd"]) for c in v["curves"] for p in c)
+        assert v["vanilla_fd_final"] == result["variants"][0]["vanilla_fd_final"]
+    assert "| variant | arm | changes |" in first.stdout
+    second = _run("convergence_sweep.py", args, tmp_path)
+    assert second.stdout.count("reusing") == 6 + 1  # + the evaluator
+    assert json.loads((out / "result.json").read_text())["variants"][0]["curves"] == result["variants"][0]["curves"]
