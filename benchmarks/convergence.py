@@ -78,11 +78,11 @@ class ConvConfig:
     ema_decay: float = 0.995
     cfg_prob: float = 0.1
     encoder_depth: int = 2
-    proj_coeff: float = 0.5
-    projector_dim: int = 512
+    proj_coeff: float = 4.0
+    projector_dim: int = 128
     stop_at: float = 0.5
     samples: int = 2000
-    sample_steps: int = 10
+    sample_steps: int = 6
     solver: str = "heun"
     evaluator_epochs: int = 2
     train_limit: Optional[int] = None

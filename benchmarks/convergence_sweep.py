@@ -1,6 +1,6 @@
 """What makes REPA's toy-scale gain large? One-factor-at-a-time variants against their own vanilla.
 
-    python benchmarks/convergence_sweep.py                   # the default grid below (1 seed each)
+    python benchmarks/convergence_sweep.py                   # the default grid below (1 seed each, ~55 min)
     python benchmarks/convergence_sweep.py "w2:proj_coeff=2" "lr5e-4:learning_rate=5e-4" --seeds 2
     python benchmarks/convergence_sweep.py --tiny            # seconds: the test suite's smoke run
 
@@ -38,8 +38,9 @@ import convergence as conv  # noqa: E402
 from _common import environment, write_json  # noqa: E402
 
 FORMAT = "repa-convergence-sweep/1"
-#: The protocol of a sweep: one seed, 600 steps, cheap evaluations every 100 steps.
-SWEEP = dict(seeds=1, steps=600, eval_every=100, samples=1000, sample_steps=6)
+#: The protocol of a sweep: one seed, 600 steps, cheap evaluations every 100 steps; the base REPA
+#: arm has the paper's weight 0.5 (and a 512-wide projector), from which each factor moves.
+SWEEP = dict(seeds=1, steps=600, eval_every=100, samples=1000, sample_steps=6, proj_coeff=0.5, projector_dim=512)
 #: Fields only REPA arms read; a variant's vanilla baseline resets them to the base config.
 REPA_ONLY = ("encoder_depth", "proj_coeff", "projector_dim", "stop_at", "random_teacher_seed")
 #: The default grid: the base REPA arm, then one factor at a time.
@@ -49,7 +50,10 @@ DEFAULT_VARIANTS = (
     "block3:encoder_depth=3",
     "w1:proj_coeff=1.0",
     "w2:proj_coeff=2.0",
+    "w4:proj_coeff=4.0",
     "proj128:projector_dim=128",
+    "w2-proj128:proj_coeff=2.0,projector_dim=128",
+    "w4-proj128:proj_coeff=4.0,projector_dim=128",
     "lr5e-4:learning_rate=5e-4",
     "random:arm=random-teacher",
 )
