@@ -1,17 +1,18 @@
 """REPA's benefit at toy scale: Frechet distance against training steps on Fashion-MNIST.
 
     python benchmarks/convergence.py --quick      # 1 seed, 200 steps: 7.5 minutes on 2 CPU cores
-    python benchmarks/convergence.py              # 3 seeds, 600 steps: the full mode (72 minutes on 2 cores)
+    python benchmarks/convergence.py              # 3 seeds, 600 steps: the full mode (51 minutes on 2 cores)
     python benchmarks/convergence.py --tiny       # seconds: the test suite's smoke run
 
 Four arms train the same pixel-space SiT (``SiT-T/4``: depth 6, width 128, patch 4 -> 7x7
 tokens on 28x28 images) on the same seeds, data order, noise and number of steps:
 
 - ``vanilla``: the velocity loss alone;
-- ``repa``: plus REPA's alignment of block ``--encoder-depth`` to the ``fmnist-vit`` teacher
+- ``repa``: plus REPA's alignment of block ``--encoder-depth`` (2) to the ``fmnist-vit`` teacher
   (the registry's Fashion-MNIST ViT, loaded from its local weights), through the public
   :class:`repa.REPARegularizer` with targets precomputed once (``reg(features=...)``: REPA uses
-  no augmentation, so cached targets are exact);
+  no augmentation, so cached targets are exact), weight ``--proj-coeff`` 4 and a 128-wide
+  projector (the best of ``convergence_sweep.py`` at this scale; the paper's 0.5 gains less here);
 - ``repa-stop``: the same with a ``stop_at`` schedule (HASTE) at ``--stop-at`` of the run;
 - ``random-teacher``: the control, REPA towards a randomly initialized ``fmnist-vit`` (does the
   gain come from good features or from any extra target?).
