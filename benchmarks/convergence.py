@@ -1,6 +1,6 @@
 """REPA's benefit at toy scale: Frechet distance against training steps on Fashion-MNIST.
 
-    python benchmarks/convergence.py --quick      # 1 seed, 200 steps: 7.5 minutes on 2 CPU cores
+    python benchmarks/convergence.py --quick      # 1 seed, 200 steps: 6.9 minutes on 2 CPU cores
     python benchmarks/convergence.py              # 3 seeds, 600 steps: the full mode (51 minutes on 2 cores)
     python benchmarks/convergence.py --tiny       # seconds: the test suite's smoke run
 
