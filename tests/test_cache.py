@@ -347,9 +347,9 @@ def test_unfinished_build_says_how_to_finish(fmnist_cache, tmp_path):
 
 
 def test_cli_argument_errors(capsys):
-    assert repa_main(["cache", "--encoders", "fmnist-vit"]) == 1
+    assert repa_main(["cache", "--encoders", "fmnist-vit"]) == 2
     assert "needs --data, --out" in capsys.readouterr().err
-    assert repa_main(["cache", "verify"]) == 1
+    assert repa_main(["cache", "verify"]) == 2
     assert "usage: repa cache verify DIR" in capsys.readouterr().err
 
 

@@ -258,7 +258,7 @@ def test_cli_fd_saved_stats_give_the_same_distance(image_sets, conv_weights, tmp
     assert json.loads((tmp_path / "r.json").read_text())["fd"] == pytest.approx(from_stats, rel=1e-6)
     # statistics of another encoder or pooling are refused
     assert repa_main(["fd", "--encoder", "test-fd-vit", "--no-pretrained", "--no-progress",
-                      "--samples", str(root / "b.npz"), "--ref", str(stats)]) == 1
+                      "--samples", str(root / "b.npz"), "--ref", str(stats)]) == 2
     assert "were computed with encoder 'test-fd-conv'" in capsys.readouterr().err
 
 

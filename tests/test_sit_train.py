@@ -215,7 +215,7 @@ def test_resume_refuses_changed_settings_and_fresh_start_refuses_existing_run(tm
     train(tiny_config(idx_data, tmp_path / "r", max_train_steps=2), encoders=[TinyEncoder()], progress=False)
     with pytest.raises(CheckpointError, match="--resume latest"):
         train(tiny_config(idx_data, tmp_path / "r", max_train_steps=4), encoders=[TinyEncoder()], progress=False)
-    with pytest.raises(CheckpointError, match="batch_size: checkpoint 16, now 32"):
+    with pytest.raises(CheckpointError, match="--batch-size: saved 16, given 32"):
         train(
             tiny_config(idx_data, tmp_path / "r", max_train_steps=4, batch_size=32, resume="latest"),
             encoders=[TinyEncoder()],

@@ -163,7 +163,9 @@ def bytes_per_image(encoder: str, resolution: int, dtype: Union[str, torch.dtype
 # --------------------------------------------------------------------------------------------
 
 
-def build_image_dataset(path: PathLike, resolution: Optional[int] = None) -> Tuple[Dataset, Any]:
+def build_image_dataset(
+    path: PathLike, resolution: Optional[int] = None, skip_bad_images: bool = False
+) -> Tuple[Dataset, Any]:
     """The dataset of ``--data`` and its :class:`repa.sit.data.DataInfo`, exactly as ``repa train`` reads it.
 
     Delegates to :func:`repa.sit.data.open_dataset`: an image folder (class subfolders are the
@@ -173,7 +175,7 @@ def build_image_dataset(path: PathLike, resolution: Optional[int] = None) -> Tup
     """
     from .sit.data import open_dataset
 
-    return open_dataset(path, resolution=resolution)
+    return open_dataset(path, resolution=resolution, skip_bad_images=skip_bad_images)
 
 
 def _data_identity(ds: Dataset) -> str:
@@ -328,6 +330,7 @@ def build_cache(
     num_workers: int = 0,
     device: Optional[str] = None,
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> CacheBuildReport:
     """Precompute encoder targets for every image of ``data`` into the cache folder ``out``.
 
@@ -352,6 +355,8 @@ def build_cache(
         num_workers: DataLoader workers reading the images.
         device: where the encoders run (default: this rank's GPU, else the CPU).
         progress: show a tqdm bar (images/s) on rank 0.
+        skip_bad_images: leave out (with a warning) image files that cannot be decoded, instead
+            of stopping with :class:`~repa.errors.CorruptImageError`.
 
     Under ``torchrun`` every rank calls this; rank ``r`` builds the shards ``i % world == r``
     and rank 0 writes ``index.json`` after a barrier. Returns this process's report.
@@ -377,7 +382,7 @@ def build_cache(
     if unknown_weights:
         raise ConfigError(f"--weights names {unknown_weights}, which are not among --encoders {canonical}")
 
-    dataset, info = build_image_dataset(data, resolution)
+    dataset, info = build_image_dataset(data, resolution, skip_bad_images)
     has_moments = info.kind == "latents"
     if vae is not None and has_moments:
         raise ConfigError(
@@ -975,6 +980,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     parser.add_argument("--no-checksums", dest="checksums", action="store_false",
                         help="verify: skip the sha256 of each shard (sizes, shapes and metadata only)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="image folders: skip (with a warning) files that cannot be decoded instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1010,7 +1017,7 @@ def main(args: argparse.Namespace) -> int:
         resolution=args.resolution, dtype=args.dtype, compute_dtype=args.compute_dtype, vae=args.vae,
         batch_size=args.batch_size, shard_size=args.shard_size, weights=args.weights, pretrained=args.pretrained,
         seed=args.seed, store_images=args.store_images, num_workers=args.num_workers, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, skip_bad_images=args.skip_bad_images,
     )
     if report.rank == 0:
         print(

@@ -3,14 +3,23 @@
 Each command lives in its own module that defines ``add_arguments(parser)`` and
 ``main(args) -> int``; modules are imported only when their command runs, so ``repa --help``
 stays fast and never imports heavy dependencies.
+
+Errors: every :class:`repa.errors.REPAError` and every bad-file ``OSError`` ends the command with
+one line ``error: <Class>: <message>`` on stderr and exit status 2; ``repa --debug <command>``
+(or ``REPA_DEBUG=1``) also prints the traceback. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import Sequence
+import traceback
+from typing import Callable, Sequence
+
+#: exit status of a command stopped by a user error (bad input, a refused folder, a REPAError)
+USER_ERROR_STATUS = 2
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,13 +48,57 @@ def _top_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser
     from repa import __version__
 
     parser.add_argument("--version", action="version", version=f"repa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: REPA_DEBUG=1)")
     parser.add_argument("command", nargs="?", help="one of: " + ", ".join(commands))
     return parser
+
+
+def debug_enabled() -> bool:
+    """Whether ``REPA_DEBUG`` asks for tracebacks."""
+    return os.environ.get("REPA_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def error_line(exc: BaseException) -> str:
+    """``error: <Class>: <message>`` on one line.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its message;
+    only its last line (the original message) is kept.
+    """
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        message = last[len(prefix):] if last.startswith(prefix) else last
+    message = " ".join(message.split())
+    return f"error: {type(exc).__name__}: {message}"
+
+
+def run_command(run: Callable[[], int], debug: bool = False) -> int:
+    """Run a command's ``main``; user errors become one line on stderr and exit status 2."""
+    from repa.errors import REPAError
+
+    debug = debug or debug_enabled()
+    try:
+        return int(run() or 0)
+    except (REPAError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(error_line(exc), file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: KeyboardInterrupt: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``repa`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv and argv[0] == "--debug":
+        debug = True
+        argv = argv[1:]
     commands = _available()
     if not argv or argv[0].startswith("-"):
         parser = _top_parser(commands)
@@ -63,14 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(commands[name][0])
     parser = argparse.ArgumentParser(prog=f"repa {name}", description=commands[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    from repa.errors import REPAError
-
-    try:
-        return int(module.main(args) or 0)
-    except REPAError as exc:
-        print(f"repa {name}: error: {exc}", file=sys.stderr)
-        return 1
+    args = parser.parse_args(rest)  # bad flags: argparse's usage and error, exit 2
+    return run_command(lambda: module.main(args), debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

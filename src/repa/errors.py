@@ -26,6 +26,9 @@ __all__ = [
     "CacheMismatchError",
     "CorruptCacheError",
     "MissingDependencyError",
+    "FolderInUseError",
+    "CorruptImageError",
+    "NonFiniteLossError",
 ]
 
 
@@ -95,6 +98,18 @@ class CorruptCacheError(CacheError, OSError):
 
 class MissingDependencyError(REPAError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
+
+
+class FolderInUseError(REPAError, RuntimeError):
+    """A run, cache or output folder is locked by another live process."""
+
+
+class CorruptImageError(REPAError, OSError):
+    """An image file of a dataset cannot be decoded (truncated, not an image, ...)."""
+
+
+class NonFiniteLossError(REPAError, FloatingPointError):
+    """The training loss (or gradient norm) became NaN or infinite; the run stopped without saving it."""
 
 
 def require(module: str, extra: str | None = None):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataNotFoundError, ShapeMismatchError
+from .errors import ConfigError, CorruptImageError, DataNotFoundError, ShapeMismatchError
 from .metrics import feature_stats, frechet_distance_from_stats
 
 __all__ = [
@@ -83,16 +84,23 @@ def _list_images(root: Path) -> List[Path]:
 
 
 def iter_image_batches(
-    source: PathLike, batch_size: int = 64, *, resolution: Optional[int] = None, channels: int = 3
+    source: PathLike,
+    batch_size: int = 64,
+    *,
+    resolution: Optional[int] = None,
+    channels: int = 3,
+    skip_bad_images: bool = False,
 ) -> Iterator[torch.Tensor]:
     """uint8 batches (B, C, H, W) from a folder of images or an ``.npz`` (``arr_0``: (N, H, W[, C])).
 
     ``channels`` is 3 (RGB) or 1 (grayscale; RGB is averaged). ``resolution`` center-crops every
     image as ADM does (``repa.sit.data.center_crop``); otherwise every image must have one size.
+    A file that cannot be decoded raises :class:`CorruptImageError` naming it, or with
+    ``skip_bad_images`` is left out with a warning.
     """
     from PIL import Image
 
-    from .sit.data import center_crop
+    from .sit.data import bad_image_message, center_crop
 
     path = Path(os.path.expanduser(str(source)))
     if not path.exists():
@@ -137,8 +145,14 @@ def iter_image_batches(
     for s in range(0, len(files), batch_size):
         arrs = []
         for f in files[s : s + batch_size]:
-            with Image.open(f) as img:
-                arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+            try:
+                with Image.open(f) as img:
+                    arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, not an image, bad header
+                if not skip_bad_images:
+                    raise CorruptImageError(bad_image_message(f, exc)) from exc
+                logging.getLogger("repa").warning("skipping the unreadable image %s (%s: %s)", f, type(exc).__name__, exc)
+                continue
             arr = crop(arr if arr.ndim == 3 else arr[..., None])
             if size is None:
                 size = arr.shape[:2]
@@ -148,7 +162,8 @@ def iter_image_batches(
                     "--resolution R to center-crop every image to R x R"
                 )
             arrs.append(arr)
-        yield fix(_to_chw(np.stack(arrs)))
+        if arrs:
+            yield fix(_to_chw(np.stack(arrs)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +205,7 @@ def pooled_features(
     resolution: Optional[int] = None,
     limit: Optional[int] = None,
     progress: bool = False,
+    skip_bad_images: bool = False,
 ) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """One feature per image of ``source``: (n, D) float64, and the image size (H, W) they were computed at."""
     from tqdm.auto import tqdm
@@ -200,7 +216,10 @@ def pooled_features(
     size: Optional[Tuple[int, int]] = None
     count = 0
     bar = tqdm(desc=f"features {Path(str(source)).name}", unit="img", disable=not progress)
-    for batch in iter_image_batches(source, batch_size, resolution=resolution, channels=channels):
+    batches = iter_image_batches(
+        source, batch_size, resolution=resolution, channels=channels, skip_bad_images=skip_bad_images
+    )
+    for batch in batches:
         if limit is not None:
             batch = batch[: max(0, limit - count)]
             if batch.shape[0] == 0:
@@ -224,11 +243,11 @@ def pooled_features(
 
 def compute_stats(
     encoder: Any, source: PathLike, *, pool: str = "mean", batch_size: int = 64, resolution: Optional[int] = None,
-    limit: Optional[int] = None, progress: bool = False,
+    limit: Optional[int] = None, progress: bool = False, skip_bad_images: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
     """(mu (D,), sigma (D, D), meta) of ``source``'s pooled features; meta says how they were computed."""
     feats, size = pooled_features(encoder, source, pool=pool, batch_size=batch_size, resolution=resolution,
-                                  limit=limit, progress=progress)
+                                  limit=limit, progress=progress, skip_bad_images=skip_bad_images)
     mu, sigma = feature_stats(feats)
     meta = {
         "format": STATS_FORMAT,
@@ -279,6 +298,7 @@ def fd_between(
     limit: Optional[int] = None,
     save_ref_stats: Optional[PathLike] = None,
     progress: bool = False,
+    skip_bad_images: bool = False,
 ) -> Tuple[float, Dict[str, Any]]:
     """FD between ``samples`` (folder / npz) and ``ref`` (folder / npz / stats file) in ``encoder``'s space.
 
@@ -296,11 +316,11 @@ def fd_between(
             )
     else:
         mu_r, sigma_r, meta_r = compute_stats(encoder, ref, pool=pool, batch_size=batch_size, resolution=resolution,
-                                              limit=limit, progress=progress)
+                                              limit=limit, progress=progress, skip_bad_images=skip_bad_images)
         if save_ref_stats is not None:
             save_stats(save_ref_stats, mu_r, sigma_r, meta_r)
     mu_s, sigma_s, meta_s = compute_stats(encoder, samples, pool=pool, batch_size=batch_size, resolution=resolution,
-                                          limit=limit, progress=progress)
+                                          limit=limit, progress=progress, skip_bad_images=skip_bad_images)
     if list(meta_s["image_size"]) != list(meta_r["image_size"]):
         raise ConfigError(
             f"the samples are {meta_s['image_size']} images but the reference was {meta_r['image_size']}; features "
@@ -332,6 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: 64)")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip (with a warning) image files that cannot be decoded instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -351,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
     value, summary = fd_between(
         args.samples, args.ref, encoder, pool=args.pool, batch_size=args.batch_size, resolution=args.resolution,
         limit=args.num_samples, save_ref_stats=args.save_stats, progress=not args.no_progress,
+        skip_bad_images=args.skip_bad_images,
     )
     summary["encoder_weights"] = args.weights or ("pretrained" if args.pretrained else f"random(seed={args.seed})")
     if args.out:

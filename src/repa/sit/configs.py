@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class TrainConfig:
     vae: Optional[str] = None
     latent_scale: float = 0.18215
     num_workers: int = 0
+    skip_bad_images: bool = False
     # REPA
     repa: bool = True
     enc_type: str = "fmnist-vit"
@@ -174,6 +176,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        floats = [
+            "latent_scale", "proj_coeff", "cfg_prob", "learning_rate", "adam_beta1", "adam_beta2",
+            "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay", "sample_cfg",
+        ]
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"--{_flag(name)} must be a finite number, got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers!r}")
         if not 0.0 <= self.cfg_prob < 1.0:
@@ -182,6 +192,14 @@ class TrainConfig:
             raise ConfigError(f"--ema-decay must lie in [0, 1], got {self.ema_decay} (REPA: 0.9999)")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{_flag(name)} must lie in [0, 1), got {getattr(self, name)} (REPA: 0.9 / 0.999)")
+        if self.adam_epsilon <= 0 or self.adam_weight_decay < 0:
+            raise ConfigError(
+                f"--adam-epsilon must be > 0 and --adam-weight-decay >= 0, got {self.adam_epsilon} and "
+                f"{self.adam_weight_decay}"
+            )
         if self.proj_coeff < 0:
             raise ConfigError(f"--proj-coeff must be >= 0, got {self.proj_coeff} (REPA: 0.5)")
         if self.repa and not self.encoder_names:
@@ -199,7 +217,51 @@ class TrainConfig:
                 f"model_kwargs may not set {derived}: input size, channels and classes follow from the data, "
                 "the label dropout from --cfg-prob; remove them"
             )
+        _check_model_kwargs(self.model_kwargs)
         return self
+
+
+# range checks of the SiT arguments --model-kwargs may set (any other SiT argument is accepted as is)
+_MODEL_KWARG_CHECKS = {
+    "depth": ("a positive integer (number of blocks)", lambda v: _is_int(v) and v >= 1),
+    "hidden_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "num_heads": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "patch_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "mlp_ratio": ("a positive number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0),
+    "learn_sigma": ("true or false", lambda v: isinstance(v, bool)),
+    "qk_norm": ("true, false, or a norm name", lambda v: isinstance(v, (bool, str))),
+}
+_DERIVED_KWARGS = ("input_size", "in_channels", "num_classes", "class_dropout_prob")
+
+
+def _model_kwarg_names() -> List[str]:
+    """The SiT constructor's arguments that --model-kwargs may set."""
+    import inspect
+
+    return [n for n in inspect.signature(SiT.__init__).parameters if n not in ("self", *_DERIVED_KWARGS)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_model_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Unknown or out-of-range ``--model-kwargs`` are a :class:`ConfigError` naming the key and the valid ones."""
+    for key, value in kwargs.items():
+        valid = _model_kwarg_names()
+        if key not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--model-kwargs: unknown SiT argument {key!r}{hint}; valid keys are {', '.join(valid)}")
+        what, ok = _MODEL_KWARG_CHECKS.get(key, ("", lambda v: True))
+        if not ok(value):
+            raise ConfigError(f"--model-kwargs: {key} must be {what}, got {value!r}")
+    if "hidden_size" in kwargs and "num_heads" in kwargs and kwargs["hidden_size"] % kwargs["num_heads"]:
+        raise ConfigError(
+            f"--model-kwargs: hidden_size {kwargs['hidden_size']} is not divisible by num_heads {kwargs['num_heads']}"
+        )
 
 
 def _flag(name: str) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataNotFoundError, WeightsNotFoundError, require
+from ..errors import ConfigError, CorruptImageError, DataNotFoundError, WeightsNotFoundError, require
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -241,6 +241,43 @@ def _scan_folder(root: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
     return classes, items
 
 
+def bad_image_message(path: PathLike, exc: BaseException) -> str:
+    """The one-line error for an image file that cannot be decoded: the file, the reason, the fixes."""
+    return (
+        f"cannot decode the image {str(path)!r} ({type(exc).__name__}: {exc}); replace or delete the file, "
+        "or pass --skip-bad-images to skip unreadable files with a warning"
+    )
+
+
+def image_is_readable(path: PathLike) -> Optional[BaseException]:
+    """None if ``path`` decodes fully as an image, else the error (``Image.load`` reads every byte)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        return exc
+    return None
+
+
+def _drop_unreadable(root: Path, items: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """``items`` without the files that do not decode, each skipped with a warning (``--skip-bad-images``)."""
+    import logging
+
+    log = logging.getLogger("repa")
+    kept = []
+    for rel, label in items:
+        exc = image_is_readable(root / rel)
+        if exc is None:
+            kept.append((rel, label))
+        else:
+            log.warning("skipping the unreadable image %s (%s: %s)", root / rel, type(exc).__name__, exc)
+    if len(kept) < len(items):
+        log.warning("--skip-bad-images: skipped %d of %d images in %s", len(items) - len(kept), len(items), root)
+    return kept
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root/<class>/...`` center-cropped to ``resolution``: yields ``{"image": uint8 (3, R, R), "y"}``.
 
@@ -248,7 +285,7 @@ class ImageFolderDataset(Dataset):
     without subfolders is one class.
     """
 
-    def __init__(self, root: PathLike, resolution: int) -> None:
+    def __init__(self, root: PathLike, resolution: int, skip_bad_images: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"image folder {str(root)!r} does not exist")
@@ -256,6 +293,8 @@ class ImageFolderDataset(Dataset):
             raise ConfigError(f"resolution must be a positive int for an image folder, got {resolution!r}")
         self.resolution = resolution
         self.classes, self.items = _scan_folder(self.root)
+        if skip_bad_images:
+            self.items = _drop_unreadable(self.root, self.items)
         if not self.items:
             raise DataNotFoundError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(root)!r} or its class subfolders"
@@ -269,8 +308,12 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         rel, _ = self.items[index]
-        with Image.open(self.root / rel) as img:
-            return center_crop(img, self.resolution)
+        path = self.root / rel
+        try:
+            with Image.open(path) as img:
+                return center_crop(img, self.resolution)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, not an image, bad header
+            raise CorruptImageError(bad_image_message(path, exc)) from exc
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         arr = self.load(index)  # (R, R, 3)
@@ -510,6 +553,7 @@ def open_dataset(
     vae: Optional[str] = None,
     latent_scale: float = LATENT_SCALE,
     vae_model: Any = None,
+    skip_bad_images: bool = False,
 ) -> Tuple[Dataset, DataInfo]:
     """The training dataset and its :class:`DataInfo`, from what ``--data`` points at.
 
@@ -520,6 +564,8 @@ def open_dataset(
       pixel space, or latents encoded on the fly when ``vae`` is given.
 
     ``vae_model`` (an ``AutoencoderKL``) is only used to read the latent shape for (a) with ``vae``.
+    An image that cannot be decoded raises :class:`CorruptImageError` naming it when read;
+    ``skip_bad_images`` decodes every image of (a) once here and leaves out (with a warning) those that fail.
     """
     root = Path(os.path.expanduser(str(data))) if data is not None else Path(FASHION_MNIST_DIR)
     if not root.exists():
@@ -577,7 +623,7 @@ def open_dataset(
             raise ConfigError(
                 f"{str(root)!r} is an image folder: pass --resolution (e.g. 256) to center-crop its images"
             )
-        ds = ImageFolderDataset(root, resolution)
+        ds = ImageFolderDataset(root, resolution, skip_bad_images=skip_bad_images)
         if vae is None:
             info = DataInfo("pixels", 3, resolution, 3, resolution, len(ds.classes), latent_scale, None, str(root))
         else:

@@ -82,6 +82,33 @@ def all_gather_objects(info: DistInfo, obj: Any) -> List[Any]:
     return out
 
 
+def lock_folder_on_main(info: DistInfo, folder: Any, purpose: str, flag: str = "--output-dir") -> Optional[Any]:
+    """Rank 0 locks ``folder`` (:class:`repa._runlock.FolderLock`); every rank raises if it could not.
+
+    All ranks agree (one all-reduce), so a refused lock stops the whole job at once instead of
+    leaving the other ranks waiting in a collective. Returns the held lock on rank 0, else None.
+    """
+    from .._runlock import FolderLock
+
+    lock: Optional[Any] = None
+    failure: Optional[BaseException] = None
+    if info.is_main:
+        try:
+            lock = FolderLock(folder, purpose, flag=flag).acquire()
+        except Exception as exc:  # reported on every rank below
+            failure = exc
+    if info.distributed:
+        flag_t = torch.tensor([0 if failure is None else 1], device=info.device)
+        dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
+        if flag_t.item() and failure is None and not info.is_main:
+            from ..errors import FolderInUseError
+
+            raise FolderInUseError(f"rank 0 could not lock {str(folder)!r} (see its error); stopping")
+    if failure is not None:
+        raise failure
+    return lock
+
+
 class ResumableDistributedSampler(DistributedSampler):
     """``DistributedSampler`` whose order is a function of (seed, epoch) and that can start mid-epoch.
 

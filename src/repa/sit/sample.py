@@ -13,15 +13,23 @@ batch size; the SDE's per-step noise is drawn per batch. Each rank writes its ow
 packs all N into ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to 3
 channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall).
 Latent models are decoded with the checkpoint's SD-VAE (or ``--vae``).
+
+An output folder never mixes settings: ``settings.json`` records everything that changes the
+images (the checkpoint's sha256 and step, weights, seed, sampler, steps, guidance, classes,
+N, precision, VAE; for the SDE also the batch layout), the default folder name encodes them,
+and a folder made with other settings is refused. The folder is locked while a process
+writes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,11 +37,13 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .configs import build_model
-from .distributed import barrier, init_distributed, shutdown_distributed
+from .distributed import DistInfo, barrier, init_distributed, lock_folder_on_main, shutdown_distributed
 from .images import save_png, to_uint8
 from .sampling import METHODS, SOLVERS, sample
 
-__all__ = ["add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz"]
+__all__ = [
+    "add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz", "sample_settings",
+]
 
 CLASS_MODES = ("balanced", "random")
 WEIGHT_CHOICES = ("ema", "model")
@@ -55,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels: balanced (i %% num_classes) or random (seeded) (default: balanced)")
     parser.add_argument("--per-proc-batch", type=int, default=64, help="images per forward on each process (default: 64)")
     parser.add_argument("--output", default=None,
-                        help="output folder (default: <run>/eval/<step>-<mode><steps>-cfg<scale>-n<N>)")
+                        help="output folder (default: <run>/eval/<step>-<ckpt hash>-<weights>-<sampler>-cfg...-seed<S>-n<N>, "
+                        "every setting that changes the images); a folder made with other settings is refused")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labels and noise (default: 0)")
     parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype (default: no)")
@@ -63,10 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_SAMPLING_KEYS = ("step", "config", "data", "model_name", "model_kwargs")
+
+
 def load_sampling_model(ckpt: Dict[str, Any], weights: str = "ema") -> torch.nn.Module:
     """Rebuild the checkpoint's SiT with its EMA (or raw) weights, in eval mode."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    missing = [k for k in (*_SAMPLING_KEYS, weights) if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {', '.join(missing)}: it is incomplete or was edited; sample from another "
+            "checkpoint of the run"
+        )
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     if weights == "ema":
         prefix = "shadows.model."
@@ -132,6 +152,101 @@ def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
     return out
 
 
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file, read in 4 MiB chunks (the identity of a checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_settings(args: argparse.Namespace, ckpt_sha256: str, step: int, vae: Any, world_size: int) -> Dict[str, Any]:
+    """Every setting that changes the images of a ``repa sample`` run (stored as ``settings.json``).
+
+    The ODE's images depend on (checkpoint, weights, seed, i, sampler, guidance, labels, precision,
+    VAE) only; the SDE draws its per-step noise per batch, so its batch layout counts too.
+    """
+    settings: Dict[str, Any] = {
+        "checkpoint_sha256": ckpt_sha256,
+        "checkpoint_step": step,
+        "weights": args.weights,
+        "seed": args.seed,
+        "mode": args.mode,
+        "solver": args.solver if args.mode == "ode" else "euler-maruyama",
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "guidance_low": args.guidance_low,
+        "guidance_high": args.guidance_high,
+        "classes": args.classes,
+        "num_samples": args.num_samples,
+        "mixed_precision": args.mixed_precision,
+        "vae": vae,
+    }
+    if args.mode == "sde":
+        settings["per_proc_batch"] = args.per_proc_batch
+        settings["world_size"] = world_size
+    return settings
+
+
+def default_output(run: Path, settings: Dict[str, Any]) -> Path:
+    """``<run>/eval/<step>-<hash8>-<weights>-<sampler>-cfg<s>[-g<lo>-<hi>]-<classes>-seed<S>[...]-n<N>``."""
+    s = settings
+    sampler = f"{s['mode']}{s['steps']}" + (f"-{s['solver']}" if s["mode"] == "ode" else f"-b{s['per_proc_batch']}x{s['world_size']}")
+    parts = [f"{s['checkpoint_step']:07d}", s["checkpoint_sha256"][:8], s["weights"], sampler, f"cfg{s['cfg_scale']:g}"]
+    if s["cfg_scale"] != 1.0:
+        parts.append(f"g{s['guidance_low']:g}-{s['guidance_high']:g}")
+    parts += [s["classes"], f"seed{s['seed']}"]
+    if s["mixed_precision"] != "no":
+        parts.append(s["mixed_precision"])
+    if s["vae"] is not None:
+        parts.append("vae" + hashlib.sha256(str(s["vae"]).encode()).hexdigest()[:6])
+    parts.append(f"n{s['num_samples']}")
+    return run / "eval" / "-".join(parts)
+
+
+def _claim_output(out: Path, settings: Dict[str, Any]) -> None:
+    """Record ``settings`` in ``out/settings.json``, or refuse a folder made with other (or unknown) settings."""
+    record = out / "settings.json"
+    if record.is_file():
+        try:
+            stored = json.loads(record.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{str(record)!r} is not valid JSON ({exc}); delete {str(out)!r} to sample again") from exc
+        diffs = [
+            f"{k}: folder {stored.get(k)!r}, now {v!r}" for k, v in settings.items() if stored.get(k) != v
+        ] + [f"{k}: folder {stored[k]!r}, now unset" for k in stored if k not in settings]
+        if diffs:
+            raise ConfigError(
+                f"{str(out)!r} holds samples made with other settings ({'; '.join(diffs)}); its images would be "
+                "stale. Pass another --output (or drop --output for a folder named after the settings), or delete "
+                "the folder to start over"
+            )
+        return
+    images = out / "images"
+    if images.is_dir() and any(images.iterdir()):
+        raise ConfigError(
+            f"{str(out)!r} already holds images but no settings.json, so they may come from other settings; pass "
+            "another --output, or delete the folder"
+        )
+    tmp = record.with_name(f".{record.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, record)
+
+
+def _raise_on_any_rank(info: DistInfo, failure: Optional[BaseException], what: str) -> None:
+    """Every rank raises if one failed (rank 0's own error there, a short one elsewhere)."""
+    failed = failure is not None
+    if info.distributed:
+        flag = torch.tensor([1 if failed else 0], device=info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ConfigError(f"{what} failed on rank 0 (see its error); stopping")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``repa sample`` with parsed arguments; returns the exit status."""
     from tqdm.auto import tqdm
@@ -141,6 +256,7 @@ def main(args: argparse.Namespace) -> int:
     if args.mode == "sde" and args.solver != "euler":
         raise ConfigError(f"--solver {args.solver} applies to --mode ode; the SDE sampler is Euler-Maruyama")
     info = init_distributed()
+    lock = None
     try:
         ckpt_path = resolve_checkpoint(args.ckpt)
         ckpt = load_checkpoint(ckpt_path)
@@ -149,18 +265,23 @@ def main(args: argparse.Namespace) -> int:
         step = int(ckpt["step"])
         del ckpt
         vae = None
+        vae_name = None
         if data["kind"] != "pixels":
             from .data import load_vae
 
-            vae = load_vae(args.vae or data["vae"], info.device)
-        if args.output is not None:
-            out = Path(args.output)
-        else:
-            run = ckpt_path.parent.parent
-            out = run / "eval" / f"{step:07d}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
+            vae_name = args.vae or data["vae"]
+            vae = load_vae(vae_name, info.device)
+        settings = sample_settings(args, file_sha256(ckpt_path), step, vae_name, info.world_size)
+        out = Path(args.output) if args.output is not None else default_output(ckpt_path.parent.parent, settings)
+        lock = lock_folder_on_main(info, out, "repa sample", flag="--output")  # one writer per output folder
+        failure: Optional[BaseException] = None
         if info.is_main:
-            (out / "images").mkdir(parents=True, exist_ok=True)
-        barrier(info)
+            try:
+                _claim_output(out, settings)
+                (out / "images").mkdir(parents=True, exist_ok=True)
+            except Exception as exc:  # every rank stops below
+                failure = exc
+        _raise_on_any_rank(info, failure, f"preparing {out}")
 
         n, num_classes = args.num_samples, int(data["num_classes"])
         labels_all = sample_labels(n, num_classes, args.classes, args.seed)  # (N,)
@@ -199,6 +320,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"repa sample: {n} images in {out / 'images'}; ADM evaluation input {npz}", file=sys.stderr)
         barrier(info)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed(info)
     return 0
 
@@ -206,10 +329,7 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # python -m repa.sit.sample [flags]  (also under torchrun)
     _parser = argparse.ArgumentParser(prog="python -m repa.sit.sample", description=__doc__.splitlines()[0])
     add_arguments(_parser)
-    from ..errors import REPAError
+    from ..cli import run_command
 
-    try:
-        sys.exit(main(_parser.parse_args()))
-    except REPAError as _exc:
-        print(f"repa sample: error: {_exc}", file=sys.stderr)
-        sys.exit(1)
+    _args = _parser.parse_args()
+    sys.exit(run_command(lambda: main(_args)))

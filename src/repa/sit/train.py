@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -44,31 +45,56 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..cache import is_feature_cache
-from ..errors import CacheMismatchError, CheckpointError, ConfigError, WeightsNotFoundError, require
+from ..errors import (
+    CacheMismatchError,
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    WeightsNotFoundError,
+    require,
+)
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
 )
 from .configs import CONFIGS, FIELD_NAMES, MIXED_PRECISION, TrainConfig, build_model, model_names, resolve_config
 from .data import DataInfo, encode_moments, images_to_model_input, load_vae, open_dataset, sample_latents
-from .distributed import DistInfo, ResumableDistributedSampler, all_gather_objects, barrier, init_distributed, shutdown_distributed
+from .distributed import (
+    DistInfo,
+    ResumableDistributedSampler,
+    all_gather_objects,
+    barrier,
+    init_distributed,
+    lock_folder_on_main,
+    shutdown_distributed,
+)
 from .ema import EMA
 from .sampling import METHODS, sample
 from .transport import PATHS, TIME_SAMPLERS, get_path, sample_time, velocity_loss
 
 __all__ = ["add_arguments", "main", "train", "TrainResult", "precision_settings", "step_generator"]
 
-# Settings that must not change when a run is resumed (they change what a step computes).
-_RESUME_KEYS = (
-    "model", "model_kwargs", "repa", "enc_type", "encoder_depth", "projector_dim", "path_type",
-    "weighting", "cfg_prob", "batch_size", "seed", "latent_scale",
+_log = logging.getLogger("repa")
+
+# What a resumed run may change (issue 12). Everything not listed here must equal the saved run's
+# value: it changes what a step computes, or the state the checkpoint holds was built for it.
+# Applied on resume: written into the restored optimizer (a logged note says so).
+_RESUME_APPLIED = ("learning_rate",)
+# Free: how long to train, what to write and where, how to load batches; no effect on the numbers.
+_RESUME_FREE = (
+    "max_train_steps", "checkpointing_steps", "log_every", "sample_every", "sample_count", "sample_steps",
+    "sample_mode", "sample_cfg", "tensorboard", "num_workers", "allow_tf32", "output_dir", "exp_name",
+    "resume", "config_name",
 )
+# Kept for code that imported it: the settings refused when they differ on resume.
+_RESUME_KEYS = tuple(f for f in FIELD_NAMES if f not in _RESUME_APPLIED + _RESUME_FREE)
 
 
 @dataclass
@@ -122,6 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--resolution", "center-crop size for image folders", type=int)
     add(g, "--vae", "SD-VAE (diffusers AutoencoderKL folder or cached hub id) to encode image folders on the fly")
     add(g, "--num-workers", "DataLoader worker processes per rank", type=int)
+    add(g, "--skip-bad-images", "image folders: skip (with a warning) files that cannot be decoded instead of "
+        "stopping; every image is decoded once at start to find them", action="store_true")
 
     g = parser.add_argument_group("REPA")
     add(g, "--no-repa", "train the baseline without the alignment term", dest="repa", action="store_false")
@@ -327,14 +355,160 @@ def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset,
     return dataset, info, widths
 
 
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 def _check_resume_compatible(saved: Dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
+    """Refuse a resume whose settings differ from the checkpoint's in anything but the free/applied ones.
+
+    One message lists every difference as ``--flag: saved X, given Y``. A setting the checkpoint
+    predates counts as its default.
+    """
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    diffs = [
+        f"{_flag_name(k)}: saved {saved.get(k, defaults[k])!r}, given {now[k]!r}"
+        for k in _RESUME_KEYS
+        if saved.get(k, defaults[k]) != now[k]
+    ]
     if diffs:
         raise CheckpointError(
-            f"cannot resume from {path}: settings that change the computation differ ({'; '.join(diffs)}); "
-            "resume with the settings the run was started with"
+            f"cannot resume from {path}: {len(diffs)} setting(s) differ from the saved run ({'; '.join(diffs)}). "
+            "These change what a step computes or the state the checkpoint was built for; resume with the "
+            "saved values (the run's config.json lists them), or start a new run. Only "
+            f"{', '.join(map(_flag_name, _RESUME_APPLIED))} and the output/length settings may change on resume"
         )
+
+
+def _apply_resume_changes(saved: Dict[str, Any], cfg: TrainConfig, optimizer: torch.optim.Optimizer, is_main: bool) -> None:
+    """Write the settings that may change on resume into the restored state (the optimizer's learning rate)."""
+    old = saved.get("learning_rate")
+    for group in optimizer.param_groups:  # load_state_dict restored the saved rate: the given one wins
+        group["lr"] = cfg.learning_rate
+    if old is not None and old != cfg.learning_rate and is_main:
+        _log.warning("resume: --learning-rate changed from %g (saved) to %g; the optimizer now uses %g",
+                     old, cfg.learning_rate, cfg.learning_rate)
+
+
+# the entries a `repa train` checkpoint must hold to be resumed
+_CHECKPOINT_KEYS = ("step", "config", "model", "ema", "optimizer", "scaler", "regularizer")
+
+
+def _require_checkpoint_keys(ckpt: Dict[str, Any], path: Path, keys: Sequence[str] = _CHECKPOINT_KEYS) -> None:
+    """A checkpoint of the right format but missing entries is a :class:`CheckpointError`, not a ``KeyError``."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is incomplete or was edited; resume from "
+            "another checkpoint of the run (its checkpoints/ folder)"
+        )
+
+
+def _resume_source(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from (None: a fresh run), refusing anything that would overwrite a run.
+
+    A fresh start in a folder that holds checkpoints is refused. ``--resume`` with another run's
+    checkpoint starts this run's folder from it (a new run: nothing of the other run is touched),
+    but is refused if this folder already holds a run of its own (checkpoints or a log), which
+    the resumed run would overwrite.
+    """
+    if not cfg.resume:
+        newest = latest_checkpoint(run_dir)
+        if newest is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (newest: {newest.name}); continue that run "
+                "with --resume latest, or start a new one with another --exp-name or --output-dir"
+            )
+        return None
+    path = resolve_checkpoint(cfg.resume, run_dir)
+    source_run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if source_run.resolve() == run_dir.resolve():
+        return path
+    own = [p.name for p in list_checkpoints(run_dir)] + (["log.jsonl"] if (run_dir / "log.jsonl").exists() else [])
+    if own:
+        raise CheckpointError(
+            f"--resume {cfg.resume} is a checkpoint of another run ({source_run}), but this run's folder {run_dir} "
+            f"already holds {', '.join(own[-3:])}, which resuming would overwrite. To continue {run_dir.name}, use "
+            f"--resume latest; to start a new run from that checkpoint, pick a new folder, e.g. "
+            f"--exp-name {run_dir.name}-from-{source_run.name}"
+        )
+    _log.info("resume: starting the new run folder %s from %s (the run %s is not modified)", run_dir, path, source_run)
+    return path
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM and use one thread.
+
+    A signal sent to the whole process group (Ctrl-C, SLURM preemption, ``kill -TERM -PGID``)
+    reaches the workers too; the main process alone decides to stop, finishes its step and
+    writes a checkpoint, and would otherwise find its workers dead. One intra-op thread per
+    worker keeps N workers from competing with the training process for the cores.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _json_safe(record: Dict[str, Any]) -> Dict[str, Any]:
+    """Non-finite floats become None, so ``log.jsonl`` stays strict JSON (no bare NaN / Infinity)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _append_log(log_file: Path, record: Dict[str, Any]) -> None:
+    with open(log_file, "a") as fh:
+        fh.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+
+
+def _raise_if_any_failed(failure: Optional[BaseException], target: Path, dist_info: DistInfo) -> None:
+    """After rank 0's checkpoint write: every rank raises :class:`CheckpointError` if it failed."""
+    failed = failure is not None
+    if dist_info.distributed:
+        flag = torch.tensor([1 if failed else 0], device=dist_info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if failed:
+        reason = f"{type(failure).__name__}: {failure}" if failure is not None else "see rank 0's error"
+        raise CheckpointError(
+            f"could not write checkpoint {str(target)!r} ({reason}); the earlier checkpoints are intact. Free disk "
+            "space (or fix the folder's permissions) and continue with --resume latest"
+        ) from failure
+
+
+def _stop_nonfinite(
+    what: str, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, run_dir: Path, log_file: Path, dist_info: DistInfo
+) -> None:
+    """Log the failed step as strict JSON (nulls) and raise :class:`NonFiniteLossError`; nothing is saved."""
+    value = float(loss.detach().float().item()) if what == "loss" else float(grad_norm.detach().float().item())
+    if dist_info.is_main:
+        _append_log(log_file, {"step": step, "loss": float(loss.detach().float().item()),
+                               "grad_norm": float(grad_norm.detach().float().item()),
+                               "error": f"non-finite {what} ({value})"})
+    newest = latest_checkpoint(run_dir)
+    last = f"the last good checkpoint is {newest}" if newest is not None else "no checkpoint was written yet"
+    raise NonFiniteLossError(
+        f"the training {what} is {value} at step {step}; stopped before the update, nothing of this step was saved "
+        f"and {last}. Lower --learning-rate, check the data for NaN/Inf, or try --mixed-precision bf16 / no, then "
+        "continue with --resume latest (or start again)"
+    )
+
+
+def _nonfinite_step(
+    loss: torch.Tensor, grad_norm: torch.Tensor, check_grad: bool, dist_info: DistInfo
+) -> Optional[str]:
+    """What is not finite in this step on any rank (``"loss"`` / ``"gradient norm"``), or None.
+
+    Checked before the optimizer step, so a NaN never reaches the weights. The gradient norm is
+    checked unless the fp16 GradScaler is on (it skips such steps by design and lowers its scale).
+    """
+    bad = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.detach().float()) & check_grad])
+    bad = bad.to(torch.int32)  # (2,)
+    if dist_info.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad[0].item():
+        return "loss"
+    if bad[1].item():
+        return "gradient norm"
+    return None
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
@@ -417,9 +591,14 @@ def train(
     """
     cfg.validate()
     dist_info = init_distributed()
+    lock = None
     try:
+        # one process (job) per run folder: a second `repa train` on it refuses at once
+        lock = lock_folder_on_main(dist_info, cfg.run_dir, "repa train")
         return _train(cfg, dist_info, encoders, dataset, data_info, progress)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed(dist_info)
 
 
@@ -448,14 +627,7 @@ def _train(
 
     # ---------------------------------------------------------------- run folder
     run_dir = cfg.run_dir
-    resume_path: Optional[Path] = None
-    if cfg.resume:
-        resume_path = resolve_checkpoint(cfg.resume, run_dir)
-    elif latest_checkpoint(run_dir) is not None:
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints (newest: {latest_checkpoint(run_dir).name}); continue that run "
-            "with --resume latest, or start a new one with another --exp-name or --output-dir"
-        )
+    resume_path = _resume_source(cfg, run_dir)
 
     # ---------------------------------------------------------------- data
     cached_widths: Optional[Dict[str, int]] = None  # a feature cache: encoder name -> target width
@@ -469,7 +641,10 @@ def _train(
         if cfg.data is not None and is_feature_cache(cfg.data):
             dataset, info, cached_widths = _open_feature_cache(cfg, dist_info)
         else:
-            dataset, info = open_dataset(cfg.data, resolution=cfg.resolution, vae=cfg.vae, latent_scale=cfg.latent_scale)
+            dataset, info = open_dataset(
+                cfg.data, resolution=cfg.resolution, vae=cfg.vae, latent_scale=cfg.latent_scale,
+                skip_bad_images=cfg.skip_bad_images,
+            )
     else:
         if data_info is None:
             raise ConfigError("train(dataset=...) also needs data_info= (a repa.sit.data.DataInfo)")
@@ -487,6 +662,7 @@ def _train(
         drop_last=True,
         generator=torch.Generator(),  # the loader never draws from the global RNG
         persistent_workers=False,
+        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -548,19 +724,31 @@ def _train(
 
     # ---------------------------------------------------------------- resume
     start_step = 0
+    acc = torch.zeros(6, dtype=torch.float64, device=device)  # log sums: loss, denoise, align, cos, grad norm, count
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        _require_checkpoint_keys(ckpt, resume_path)
         _check_resume_compatible(ckpt["config"], cfg, resume_path)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if reg is not None:
-            reg.load_state_dict(ckpt["regularizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if reg is not None:
+                reg.load_state_dict(ckpt["regularizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(resume_path)!r} does not fit this run ({type(exc).__name__}: {str(exc)[:300]}); "
+                "it is damaged, edited, or from another model: resume from another checkpoint"
+            ) from exc
+        _apply_resume_changes(ckpt["config"], cfg, optimizer, dist_info.is_main)
         start_step = int(ckpt["step"])
         rng = ckpt.get("rng") or []
         if len(rng) == world:
             restore_rng_state(rng[rank])
+        sums = ckpt.get("log_sums") or []
+        if len(sums) == world:  # the partial log window before the checkpoint (a resume between log points)
+            acc.copy_(torch.as_tensor(sums[rank], dtype=torch.float64))
         del ckpt
     else:
         random.seed(cfg.seed + rank)
@@ -581,9 +769,10 @@ def _train(
     writer = None
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps({"config": cfg.to_dict(), "data": info.to_dict(), "world_size": world}, indent=2)
-        )
+        run_meta: Dict[str, Any] = {"config": cfg.to_dict(), "data": info.to_dict(), "world_size": world}
+        if resume_path is not None:
+            run_meta["resumed_from"] = {"checkpoint": str(resume_path), "step": start_step}
+        (run_dir / "config.json").write_text(json.dumps(run_meta, indent=2))
         if resume_path is not None:
             _truncate_log(log_file, start_step)
         elif log_file.exists():
@@ -610,30 +799,36 @@ def _train(
     def save(step: int) -> Path:
         """Collective: gather every rank's RNG state, rank 0 writes the checkpoint atomically."""
         rng_states = all_gather_objects(dist_info, capture_rng_state())
+        log_sums = [t.cpu() for t in all_gather_objects(dist_info, acc.detach().cpu())]  # every rank's open log window
         target = checkpoint_path(run_dir, step)
+        failure: Optional[BaseException] = None
         if dist_info.is_main:
-            atomic_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    "steps_per_epoch": steps_per_epoch,
-                    "world_size": world,
-                    "config": cfg.to_dict(),
-                    "data": info.to_dict(),
-                    "model_name": cfg.model,
-                    "model_kwargs": model_kwargs,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "regularizer": reg.state_dict() if reg is not None else None,
-                    "regularizer_config": reg.config if reg is not None else None,
-                    "rng": rng_states,
-                },
-                target,
-            )
-        barrier(dist_info)
+            try:
+                atomic_save(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "step": step,
+                        "epoch": step // steps_per_epoch,
+                        "steps_per_epoch": steps_per_epoch,
+                        "world_size": world,
+                        "config": cfg.to_dict(),
+                        "data": info.to_dict(),
+                        "model_name": cfg.model,
+                        "model_kwargs": model_kwargs,
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "regularizer": reg.state_dict() if reg is not None else None,
+                        "regularizer_config": reg.config if reg is not None else None,
+                        "rng": rng_states,
+                        "log_sums": log_sums,
+                    },
+                    target,
+                )
+            except OSError as exc:  # disk full, quota, permissions: earlier checkpoints are intact
+                failure = exc
+        _raise_if_any_failed(failure, target, dist_info)
         return target
 
     # ---------------------------------------------------------------- the loop
@@ -643,7 +838,6 @@ def _train(
     step = start_step
     last_ckpt: Optional[Path] = None
     last_saved = start_step if resume_path is not None else -1
-    acc = torch.zeros(6, dtype=torch.float64, device=device)  # loss, denoise, align, cos, grad norm, count
     t_last, step_last = time.time(), step
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not (progress and dist_info.is_main), desc="train", unit="step", dynamic_ncols=True)
     stop: Optional[str] = None
@@ -687,6 +881,9 @@ def _train(
                 scaler.unscale_(optimizer)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                bad = _nonfinite_step(loss, grad_norm, not scaler.is_enabled(), dist_info)
+                if bad is not None:  # stop before the update: the weights and checkpoints stay good
+                    _stop_nonfinite(bad, loss, grad_norm, step + 1, run_dir, log_file, dist_info)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -724,8 +921,7 @@ def _train(
                         record["loss_align"] = vals[2]
                         record["cos_sim"] = vals[3]
                     if dist_info.is_main:
-                        with open(log_file, "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
+                        _append_log(log_file, record)
                         if writer is not None:
                             for key, value in record.items():
                                 if key != "step":
@@ -778,10 +974,7 @@ def _train(
 if __name__ == "__main__":  # python -m repa.sit.train [flags]  (also under torchrun)
     _parser = argparse.ArgumentParser(prog="python -m repa.sit.train", description=__doc__.splitlines()[0])
     add_arguments(_parser)
-    from ..errors import REPAError
+    from ..cli import run_command
 
-    try:
-        sys.exit(main(_parser.parse_args()))
-    except REPAError as _exc:
-        print(f"repa train: error: {_exc}", file=sys.stderr)
-        sys.exit(1)
+    _args = _parser.parse_args()
+    sys.exit(run_command(lambda: main(_args)))
