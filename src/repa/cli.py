@@ -73,11 +73,25 @@ def error_line(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {message}"
 
 
+def _show_status_messages() -> None:
+    """Status messages of the ``repa`` logger (notes, warnings) go to stderr, once per process."""
+    import logging
+
+    logger = logging.getLogger("repa")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("repa: %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 def run_command(run: Callable[[], int], debug: bool = False) -> int:
     """Run a command's ``main``; user errors become one line on stderr and exit status 2."""
     from repa.errors import REPAError
 
     debug = debug or debug_enabled()
+    _show_status_messages()
     try:
         return int(run() or 0)
     except (REPAError, OSError) as exc:
