@@ -77,9 +77,20 @@ def _show_status_messages() -> None:
     """Status messages of the ``repa`` logger (notes, warnings) go to stderr, once per process."""
     import logging
 
+    class _StderrHandler(logging.StreamHandler):
+        """Writes to the current ``sys.stderr`` (which tools and tests may replace), not the one at setup."""
+
+        @property  # type: ignore[override]
+        def stream(self):  # noqa: D401
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("repa")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("repa: %(message)s"))
         logger.addHandler(handler)
         if logger.level == logging.NOTSET:

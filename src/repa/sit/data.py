@@ -317,6 +317,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         arr = self.load(index)  # (R, R, 3)
+        if not arr.flags.writeable:  # a view of PIL's buffer: torch wants memory it may own
+            arr = arr.copy()
         image = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, R, R)
         return {"image": image, "y": torch.tensor(self.items[index][1], dtype=torch.long)}
 

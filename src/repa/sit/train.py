@@ -449,6 +449,22 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def _batches(loader: DataLoader):
+    """Iterate ``loader`` and always shut its workers down, also when an error or a ``break`` ends the loop.
+
+    The workers ignore SIGTERM (:func:`_worker_init`), so the DataLoader's own last resort of
+    terminating them with SIGTERM would not work: an iterator kept alive by an exception's
+    traceback would leave them waiting, and the interpreter waiting for them at exit.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+
 def _json_safe(record: Dict[str, Any]) -> Dict[str, Any]:
     """Non-finite floats become None, so ``log.jsonl`` stays strict JSON (no bare NaN / Infinity)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -849,7 +865,7 @@ def _train(
         skip = step % steps_per_epoch
         while step < cfg.max_train_steps and stop is None:
             sampler.set_epoch(epoch, skip_batches=skip)
-            for batch in loader:
+            for batch in _batches(loader):
                 images = batch["image"].to(device, non_blocking=True) if "image" in batch else None  # (b, C, H, W) uint8
                 y = batch["y"].to(device, non_blocking=True)  # (b,)
                 g = step_generator(cfg.seed, step, device)
