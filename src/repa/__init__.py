@@ -9,6 +9,10 @@ Importing ``repa`` loads neither timm nor huggingface-hub and downloads nothing.
 
 __version__ = "0.1.0"
 
+from ._cpu import prefer_passive_openmp  # noqa: E402
+
+prefer_passive_openmp()  # the `repa` programs only, before torch loads: see repa/_cpu.py
+
 from . import errors, schedules  # noqa: E402
 from .losses import build_loss  # noqa: E402
 from .projectors import build_projector  # noqa: E402
