@@ -19,18 +19,16 @@ __all__ = ["is_repa_program", "prefer_passive_openmp"]
 
 
 def is_repa_program() -> bool:
-    """Whether this process runs a `repa` program (the console script or ``-m repa...``), not a user's script."""
-    argv = list(getattr(sys, "orig_argv", None) or sys.argv)
-    if argv and os.path.basename(str(sys.argv[0] if sys.argv else "")) in ("repa", "repa.exe"):
+    """Whether this process runs a `repa` program (the console script or ``-m repa...``), not a user's script.
+
+    Under ``torchrun -m repa.sit.train`` each worker is started as ``python -m repa.sit.train``.
+    """
+    if sys.argv and os.path.basename(str(sys.argv[0])) in ("repa", "repa.exe"):
         return True
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "-m":
-            module = argv[i + 1]
-            if module == "repa" or module.startswith("repa."):
-                return True
-            if module in ("torch.distributed.run", "torch.distributed.launch"):
-                continue  # torchrun -m repa.sit.train: the module follows later
-    return "torch.distributed.run" in argv and any(a == "repa" or a.startswith("repa.") for a in argv)
+    argv = list(getattr(sys, "orig_argv", None) or sys.argv)
+    return any(
+        arg == "-m" and (argv[i + 1] == "repa" or argv[i + 1].startswith("repa.")) for i, arg in enumerate(argv[:-1])
+    )
 
 
 def prefer_passive_openmp() -> bool:

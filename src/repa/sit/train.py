@@ -520,9 +520,10 @@ def _nonfinite_step(
     bad = bad.to(torch.int32)  # (2,)
     if dist_info.distributed:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad[0].item():
+    loss_bad, grad_bad = bad.tolist()  # one device sync per step
+    if loss_bad:
         return "loss"
-    if bad[1].item():
+    if grad_bad:
         return "gradient norm"
     return None
 
