@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,7 @@ from .errors import (
     ConfigError,
     GridMismatchError,
     InputRangeError,
+    NonFiniteInputError,
     ShapeMismatchError,
     StateDictError,
 )
@@ -35,7 +37,7 @@ from .grid import Grid, as_grid, flatten_feature_map, infer_grid, resample_token
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
-from .schedules import Schedule, WeightLike, as_schedule, from_dict
+from .schedules import Schedule, WeightLike, as_schedule, from_dict, weight_at_step
 
 __all__ = ["REPARegularizer", "REPAOutput"]
 
@@ -152,7 +154,9 @@ class REPARegularizer(nn.Module):
         encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
         resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
             (resample projected model tokens to the encoder grid, as U-REPA does).
-        check_inputs: check the float image range each call (one host sync).
+        check_inputs: check each call that float images lie in ``input_range`` and are finite,
+            and that ``features=`` targets are finite (one host sync per call); ``False`` skips
+            these checks on the hot path.
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
             ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
@@ -338,7 +342,7 @@ class REPARegularizer(nn.Module):
 
     def weight_at(self, step: Optional[int] = None) -> float:
         """The alignment weight at ``step`` (default: the current step)."""
-        return float(self.weight_fn(self._step if step is None else int(step)))
+        return weight_at_step(self.weight_fn, self._step if step is None else int(step))
 
     # ------------------------------------------------------------------ capture lifecycle
     @contextlib.contextmanager
@@ -443,7 +447,7 @@ class REPARegularizer(nn.Module):
         """
         captures = self._take_captures()
         current = self._step if step is None else int(step)
-        weight = float(self.weight_fn(current))
+        weight = weight_at_step(self.weight_fn, current)
         self._step = current + 1
         self.step.fill_(self._step)
 
@@ -509,6 +513,7 @@ class REPARegularizer(nn.Module):
             )
         if isinstance(sel, slice):
             x = x[:, sel]  # (B, N_img, D)
+        _check_nonempty(x, f"the output of layer {layer!r}")
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
@@ -530,6 +535,7 @@ class REPARegularizer(nn.Module):
                 f"images must be a (B, C, H, W) tensor, got "
                 f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
             )
+        _check_nonempty(images, "images")
         if images.dtype == torch.uint8:
             return images.float() / 255.0
         if not images.is_floating_point():
@@ -537,6 +543,11 @@ class REPARegularizer(nn.Module):
         lo, hi = self.input_range
         if self.check_inputs:
             mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
+            if not (math.isfinite(mn) and math.isfinite(mx)):  # aminmax propagates NaN: no extra pass
+                raise NonFiniteInputError(
+                    f"images hold non-finite values (min {mn}, max {mx}); NaN or Inf pixels make the encoder's "
+                    "targets NaN: check the data pipeline (decoding, normalization) before reg(images)"
+                )
             tol = 1e-3 * (hi - lo)
             if mn < lo - tol or mx > hi + tol:
                 raise InputRangeError(
@@ -574,6 +585,8 @@ class REPARegularizer(nn.Module):
         if features is not None:
             raw = self._features_by_encoder(features)
             image_size = None
+            if self.check_inputs:
+                _check_finite_features(raw)
         else:
             x = self._normalize_images(images)
             image_size = tuple(x.shape[-2:])
@@ -593,6 +606,7 @@ class REPARegularizer(nn.Module):
                     f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
                 )
             y = y.detach()
+            _check_nonempty(y, f"targets of encoder {name!r}")
             if y.ndim == 4:
                 if y.shape[1] != dim:
                     raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
@@ -707,6 +721,36 @@ class REPARegularizer(nn.Module):
         return (
             f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
+        )
+
+
+def _check_nonempty(x: torch.Tensor, what: str) -> None:
+    """An empty batch (or zero tokens) has no alignment loss to compute: say so instead of a NaN mean."""
+    if x.ndim >= 2 and (x.shape[0] == 0 or x.shape[1] == 0):
+        raise ShapeMismatchError(
+            f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
+            "with at least one item"
+        )
+
+
+def _check_finite_features(features: Dict[str, Any]) -> None:
+    """Precomputed targets must be finite; one fused reduction and one host sync for all encoders."""
+    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
+    if not tensors:
+        return
+    checks = [torch.isfinite(t.detach()).all() for t in tensors.values()]  # one bool per encoder, on its device
+    if len({c.device for c in checks}) == 1:
+        flags = torch.stack(checks).tolist()  # a single host sync
+    else:
+        flags = [bool(c) for c in checks]
+    bad = [n for n, good in zip(tensors, flags) if not good]
+    if bad:
+        t = tensors[bad[0]].detach().float()
+        raise NonFiniteInputError(
+            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
+            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
+            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
+            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
         )
 
 
