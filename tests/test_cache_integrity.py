@@ -252,3 +252,26 @@ def test_the_build_refuses_to_write_non_finite_targets(idx_folder, tmp_path):
                                          r"nothing was written for it; the encoder itself returned them"):
         build_cache(idx_folder, out, **{**BUILD, "encoders": "test-nan-conv"})
     assert not list(out.glob("shard-*"))
+
+
+# ----------------------------------------------------------------------------- the cost benchmark
+
+
+def test_the_cost_benchmark_runs_in_its_small_mode(tmp_path):
+    """benchmarks/cache_verify.py end to end on a 16-image shard; timings are reported, never asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "cache_verify.py"), "--images", "16", "--repeats", "1",
+         "--json", str(out), "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    # 16 items of 256 px RGB (196,608 bytes) and 256 x 768 fp16 targets (393,216 bytes) plus a header
+    assert 16 * (196_608 + 393_216) < result["shard_bytes"] < 16 * (196_608 + 393_216) + 4096
+    assert result["hash_MB_per_s"] > 0 and "| first read, verify=sha256 |" in proc.stdout

@@ -734,16 +734,20 @@ def _check_nonempty(x: torch.Tensor, what: str) -> None:
 
 
 def _check_finite_features(features: Dict[str, Any]) -> None:
-    """Precomputed targets must be finite; one fused reduction and one host sync for all encoders."""
+    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
+
+    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
+    one pass without the boolean tensor ``isfinite`` would allocate.
+    """
     tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
     if not tensors:
         return
-    checks = [torch.isfinite(t.detach()).all() for t in tensors.values()]  # one bool per encoder, on its device
-    if len({c.device for c in checks}) == 1:
-        flags = torch.stack(checks).tolist()  # a single host sync
+    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
+    if len({e.device for e in extremes}) == 1:
+        values = torch.stack(extremes).tolist()  # a single host sync
     else:
-        flags = [bool(c) for c in checks]
-    bad = [n for n, good in zip(tensors, flags) if not good]
+        values = [e.tolist() for e in extremes]
+    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
     if bad:
         t = tensors[bad[0]].detach().float()
         raise NonFiniteInputError(
