@@ -360,3 +360,12 @@ def test_every_load_path_of_the_package_is_safe():
                 continue
             offenders.append(where)
     assert offenders == [] and len(calls) >= 8, (offenders, calls)
+
+
+def test_a_loaded_checkpoint_saved_again_stays_safe_to_load(tmp_path):
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint({"step": 1, "config": {"lr": 0.1}, "model": {"w": torch.ones(2)}}, path)
+    again = tmp_path / "again.pt"
+    torch.save(load_checkpoint(path), str(again))  # what a user editing a checkpoint by hand does
+    raw = torch.load(str(again), weights_only=True)
+    assert raw["config"] == {"lr": 0.1} and torch.equal(raw["model"]["w"], torch.ones(2))

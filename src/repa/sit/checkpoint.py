@@ -43,6 +43,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "LEGACY_FORMATS",
     "SETTINGS_KEYS",
+    "Checkpoint",
     "atomic_save",
     "save_checkpoint",
     "checkpoint_path",
@@ -114,7 +115,7 @@ def _check_plain(obj: Any, where: str) -> None:
     """Raise :class:`CheckpointError` unless ``obj`` is tensors and plain containers only."""
     if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
         return
-    if type(obj) in _CONTAINERS:
+    if type(obj) in _CONTAINERS or type(obj) is Checkpoint:
         for key, value in obj.items():
             if not isinstance(key, (str, int)):
                 raise CheckpointError(f"checkpoint entry {where} has a key of type {type(key).__name__}; use str or int")
@@ -215,6 +216,9 @@ class Checkpoint(dict):
     """
 
     path: str = ""
+
+    def __reduce__(self) -> Any:  # saved again, it is a plain container that weights_only=True reads
+        return (OrderedDict, (list(self.items()),))
 
     def __missing__(self, key: Any) -> Any:
         lacking = [k for k in _WRITTEN if k not in self]
