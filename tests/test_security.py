@@ -309,7 +309,7 @@ def test_leftovers_of_a_killed_write_are_cleaned_at_the_next_start(tmp_path, idx
     assert [r["step"] for r in read_log(tmp_path / "runs" / "run")] == list(range(1, 9))
 
 
-def test_a_checkpoint_missing_entries_names_them(tmp_path, idx_data, one_thread):
+def test_a_checkpoint_missing_entries_names_them(tmp_path, idx_data, capsys, one_thread):
     train(tiny_config(idx_data, tmp_path / "runs", max_train_steps=2, checkpointing_steps=2),
           encoders=[TinyEncoder()], progress=False)
     path = latest_checkpoint(tmp_path / "runs" / "run")
@@ -326,6 +326,8 @@ def test_a_checkpoint_missing_entries_names_them(tmp_path, idx_data, one_thread)
     save_checkpoint({k: v for k, v in ckpt.items() if k != "ema"}, path)
     with pytest.raises(CheckpointError, match=r"has no entry 'ema'"):
         load_checkpoint(path)["ema"]
+    assert repa_main(["sample", "--ckpt", str(path), "--output", str(tmp_path / "out"), "--no-progress"]) != 0
+    assert "has no entry 'ema'" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="random-number state is incomplete or malformed"):
         restore_rng_state(load_checkpoint(path)["rng"][0])
     assert issubclass(CheckpointError, REPAError)
