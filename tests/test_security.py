@@ -243,7 +243,7 @@ def test_a_write_beyond_the_file_size_limit_keeps_the_earlier_checkpoint(tmp_pat
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["raised"] == "CheckpointWriteError" and result["oserror"] and result["step"] == 1
     assert "0000002.pt" in result["message"] and "earlier checkpoints are kept" in result["message"]
-    assert "--resume latest" in result["message"]
+    assert "--resume latest" in result["message"] and "file size limit (ulimit -f) 64 KiB" in result["message"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000001.pt"]  # no temp file
 
 

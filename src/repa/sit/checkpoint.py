@@ -99,8 +99,9 @@ def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, str], No
     except Exception as exc:  # OSError (ENOSPC, EFBIG), or torch's RuntimeError wrapping a failed write
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointWriteError(
-            f"could not write {str(path)!r} ({type(exc).__name__}: {reason}); earlier checkpoints are kept. "
-            "Free disk space (or raise the quota / file size limit) and continue with --resume latest"
+            f"could not write {str(path)!r} ({type(exc).__name__}: {reason}{_space_report(path.parent)}); earlier "
+            "checkpoints are kept. Free disk space (or raise the quota / file size limit) and continue with "
+            "--resume latest"
         ) from exc
     finally:
         try:
@@ -109,6 +110,26 @@ def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, str], No
         except OSError:  # pragma: no cover - the folder vanished or became read-only
             pass
     return path
+
+
+def _space_report(folder: Path) -> str:
+    """``"; N MiB free on the disk[, file size limit M KiB]"``: why a write may have failed ('' if unknown)."""
+    parts = []
+    try:
+        import shutil
+
+        parts.append(f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its disk")
+    except OSError:
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            parts.append(f"file size limit (ulimit -f) {limit / 2**10:.0f} KiB")
+    except (ImportError, OSError, ValueError):  # pragma: no cover - no resource module (Windows)
+        pass
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _check_plain(obj: Any, where: str) -> None:
