@@ -47,13 +47,14 @@ from ..cache import is_feature_cache
 from ..errors import CacheMismatchError, CheckpointError, ConfigError, WeightsNotFoundError, require
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_save,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
+    save_checkpoint,
+    clean_stale_temp_files,
 )
 from .configs import CONFIGS, FIELD_NAMES, MIXED_PRECISION, TrainConfig, build_model, model_names, resolve_config
 from .data import DataInfo, encode_moments, images_to_model_input, load_vae, open_dataset, sample_latents
@@ -591,6 +592,7 @@ def _train(
     writer = None
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(run_dir)  # unfinished checkpoint writes of a killed process
         (run_dir / "config.json").write_text(
             json.dumps({"config": cfg.to_dict(), "data": info.to_dict(), "world_size": world}, indent=2)
         )
@@ -622,7 +624,7 @@ def _train(
         rng_states = all_gather_objects(dist_info, capture_rng_state())
         target = checkpoint_path(run_dir, step)
         if dist_info.is_main:
-            atomic_save(
+            save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "step": step,
