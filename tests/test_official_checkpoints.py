@@ -190,6 +190,17 @@ def test_repa_sample_reads_official_checkpoints(official, layout, tmp_path):
     assert record["classes"] == "random" and record["pixels"] == "truncate"
 
 
+def test_outputs_of_an_official_file_go_beside_it_named_after_it(official, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "downloads" / "last.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(official["files"]["bare"], ckpt)
+    assert repa_main(["sample", "--ckpt", str(ckpt), "--no-progress", "--num-samples", "2", "--mode", "ode",
+                      "--steps", "1"]) == 0
+    assert (tmp_path / "downloads" / "eval" / "last-ode1-cfg1-n2" / "samples.npz").is_file()
+
+
 def test_sample_with_the_wrong_model_names_the_fix(official, tmp_path):
     with pytest.raises(CheckpointError, match="which is not SiT-S/4.*pass --model SiT-T/4"):
         from repa.sit.sample import add_arguments, main

@@ -376,6 +376,7 @@ def main(args: argparse.Namespace) -> int:
     ckpt = load_any_checkpoint(ckpt_path, args)  # repa's own format, or an official REPA checkpoint
     model = load_sampling_model(ckpt, args.model_weights).to(device)
     info, cfg, step = ckpt["data"], ckpt.get("config", {}), int(ckpt["step"])
+    official = "official" in ckpt  # an official REPA file: outputs go beside it, named after it
     del ckpt
     images, labels, moments = _load_samples(args.data, info, args.num_samples, args.seed)
 
@@ -412,7 +413,8 @@ def main(args: argparse.Namespace) -> int:
         "path": cfg.get("path_type", "linear"),
         "null_label": True,
     }
-    out = Path(args.out) if args.out else ckpt_path.parent.parent / "probe" / f"{step:07d}-{encoder.name}"
+    run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
+    out = Path(args.out) if args.out else run / "probe" / f"{tag}-{encoder.name}"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".alignment.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result.to_dict(), indent=1))

@@ -139,10 +139,19 @@ class OfficialCheckpoint:
 
 
 def _torch_load(path: PathLike) -> Any:
-    """``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and nothing else."""
+    """``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and nothing else.
+
+    Memory-mapped where the file allows it (zip format), so reading a large file to find out
+    what it is costs little.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except FileNotFoundError:
+                raise
+            except Exception:  # not a zip-format file (cannot be mapped): read it whole
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of the .pt file") from None
     except Exception as exc:

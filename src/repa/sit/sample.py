@@ -189,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
         model = load_sampling_model(ckpt, args.weights).to(info.device)
         data, cfg = ckpt["data"], ckpt["config"]
         step = int(ckpt["step"])
+        official = "official" in ckpt  # an official REPA file: outputs go beside it, named after it
         del ckpt
         vae = None
         if data["kind"] != "pixels":
@@ -198,8 +199,8 @@ def main(args: argparse.Namespace) -> int:
         if args.output is not None:
             out = Path(args.output)
         else:
-            run = ckpt_path.parent.parent
-            out = run / "eval" / f"{step:07d}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
+            run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
+            out = run / "eval" / f"{tag}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
         if info.is_main:
             (out / "images").mkdir(parents=True, exist_ok=True)
         barrier(info)
