@@ -128,6 +128,18 @@ def test_sample_defaults_follow_the_reference_fid_protocol():
     assert parser.parse_args(["--ckpt", "x", "--classes", "balanced", "--pixels", "round"]).pixels == "round"
 
 
+def test_a_sample_folder_is_not_completed_with_other_settings(tmp_path):
+    from repa.errors import ConfigError
+    from repa.sit.sample import add_arguments, write_record
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    write_record(tmp_path, parser.parse_args(["--ckpt", "x"]), tmp_path / "x", 5)
+    write_record(tmp_path, parser.parse_args(["--ckpt", "x"]), tmp_path / "x", 5)  # same settings: continue
+    with pytest.raises(ConfigError, match="other settings .*pixels: 'truncate' there, 'round' now"):
+        write_record(tmp_path, parser.parse_args(["--ckpt", "x", "--pixels", "round"]), tmp_path / "x", 5)
+
+
 # ---------------------------------------------------------------------------------------- CLIP
 
 

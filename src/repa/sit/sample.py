@@ -9,9 +9,10 @@ ones) sample too: ``repa sample --ckpt last.pt`` (see :mod:`repa.sit.official`).
 
 Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is the ``i``-th draw of a
 generator seeded with ``--seed`` (``--classes random``, the default: uniform labels, the
-reference's FID protocol) or ``i % num_classes`` (``balanced``: exactly N / num_classes per class); its initial noise comes from a generator seeded by
-(seed, i). So with the ODE sampler the images do not depend on the number of processes or the
-batch size; the SDE's per-step noise is drawn per batch. Each rank writes its own
+reference's FID protocol) or ``i % num_classes`` (``balanced``: exactly N / num_classes per
+class); its initial noise comes from a generator seeded by (seed, i). So with the ODE sampler
+the images do not depend on the number of processes or the batch size; the SDE's per-step
+noise is drawn per batch. Each rank writes its own
 ``images/<i:06d>.png`` (existing ones are kept, so an interrupted job continues); then rank 0
 packs all N into ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to 3
 channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall), and a
@@ -148,7 +149,11 @@ def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
 
 
 def write_record(folder: Path, args: argparse.Namespace, ckpt_path: Path, step: int) -> Path:
-    """``samples.json`` beside ``samples.npz``: how the samples were drawn, so FIDs can be compared."""
+    """``samples.json`` beside ``samples.npz``: how the samples were drawn, so FIDs can be compared.
+
+    Written before sampling starts; a folder whose record says other settings is refused, so
+    PNGs drawn one way are never completed with PNGs drawn another way.
+    """
     import json
 
     record = {
@@ -166,8 +171,20 @@ def write_record(folder: Path, args: argparse.Namespace, ckpt_path: Path, step: 
         "seed": args.seed,
         "weights": args.weights,
         "mixed_precision": args.mixed_precision,
+        "vae": args.vae,
     }
     path = folder / "samples.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diffs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items() if old.get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"{folder} holds samples drawn with other settings ({'; '.join(diffs)}); pass another --output, "
+                "or delete that folder to draw them again"
+            )
     tmp = folder / f".samples.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
@@ -203,6 +220,7 @@ def main(args: argparse.Namespace) -> int:
             out = run / "eval" / f"{tag}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
         if info.is_main:
             (out / "images").mkdir(parents=True, exist_ok=True)
+            write_record(out, args, ckpt_path, step)  # refuses a folder drawn with other settings
         barrier(info)
 
         n, num_classes = args.num_samples, int(data["num_classes"])
@@ -239,7 +257,6 @@ def main(args: argparse.Namespace) -> int:
         barrier(info)
         if info.is_main:
             npz = write_npz(out, n, progress=not args.no_progress)
-            write_record(out, args, ckpt_path, step)
             print(f"repa sample: {n} images in {out / 'images'}; ADM evaluation input {npz}", file=sys.stderr)
         barrier(info)
     finally:
