@@ -176,12 +176,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--sample-cfg", "guidance scale for the grid (1 = none)", type=float)
     add(g, "--tensorboard", "also log to TensorBoard (needs the tensorboard package)", action="store_true")
     add(g, "--resume", "continue from a checkpoint: a file, a run folder, or 'latest' (this run's newest)")
+    add(
+        g,
+        "--init-from",
+        "start from an official REPA checkpoint (released last.pt or a train.py checkpoint): SiT, EMA and "
+        "projectors; a train.py checkpoint's args set model, encoder, depth, path, ... unless flags say otherwise",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- ``--config`` <- the flags given on the command line."""
     given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    if given.get("init_from") and not given.get("resume"):
+        from .official import official_train_settings
+
+        # the checkpoint's settings sit between --config and the flags
+        given = {**official_train_settings(given["init_from"]), **given}
     return resolve_config(getattr(args, "config", None), given)
 
 
@@ -556,6 +567,11 @@ def _train(
     )
     amp_dtype, scaler = precision_settings(cfg.mixed_precision, device)
     path = get_path(cfg.path_type)
+
+    if cfg.init_from and resume_path is None:  # an official REPA checkpoint: SiT, EMA, projectors
+        from .official import init_from_official
+
+        init_from_official(cfg.init_from, model, reg, ema, encoder_depth=None)
 
     # ---------------------------------------------------------------- resume
     start_step = 0
