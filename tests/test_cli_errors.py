@@ -185,8 +185,8 @@ def test_a_failed_checkpoint_write_ends_in_one_line_and_keeps_the_earlier_one(ti
 
     monkeypatch.setattr(ckpt_module.torch, "save", disk_full_on_second)
     assert _train(tiny_json, idx_data, tmp_path / "runs", "--max-train-steps", "4", "--checkpointing-steps", "2") == 2
-    line = _one_error_line(capsys, "CheckpointError")
-    assert "could not write checkpoint" in line and "No space left on device" in line and "--resume latest" in line
+    line = _one_error_line(capsys, "CheckpointWriteError")
+    assert "could not write" in line and "No space left on device" in line and "--resume latest" in line
     run = tmp_path / "runs" / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000002.pt"]
     assert load_checkpoint(run / "checkpoints" / "0000002.pt")["step"] == 2

@@ -369,7 +369,7 @@ def test_the_default_sample_folder_names_every_setting_and_is_never_stale(checkp
     eval_dir = checkpoint.parent.parent / "eval"
     base = ["--mode", "ode"]
     variants = [[], ["--seed", "1"], ["--weights", "model"], ["--solver", "heun"], ["--cfg-scale", "2"],
-                ["--cfg-scale", "2", "--guidance-high", "1"], ["--classes", "random"], ["--steps", "3"],
+                ["--cfg-scale", "2", "--guidance-high", "1"], ["--classes", "balanced"], ["--steps", "3"],
                 ["--mixed-precision", "bf16"], ["--num-samples", "5"]]
     folders = []
     for extra in variants:
@@ -384,8 +384,8 @@ def test_the_default_sample_folder_names_every_setting_and_is_never_stale(checkp
     before = set(eval_dir.iterdir())
     assert _sample(checkpoint, *base) == 0 and set(eval_dir.iterdir()) == before
     name = folders[0].name
-    assert name.startswith("0000004-") and "-ema-ode2-euler-cfg1-balanced-seed0-n4" in name
-    settings = json.loads((folders[0] / "settings.json").read_text())
+    assert name.startswith("0000004-") and "-ema-ode2-euler-cfg1-random-seed0-n4" in name
+    settings = json.loads((folders[0] / "samples.json").read_text())
     import hashlib
 
     assert settings["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -398,7 +398,7 @@ def test_an_output_folder_made_with_other_settings_is_refused(checkpoint, tmp_pa
     capsys.readouterr()
     assert _sample(checkpoint, "--mode", "ode", "--output", str(out), "--seed", "3", "--cfg-scale", "1.5") == 2
     err = capsys.readouterr().err
-    assert "error: ConfigError:" in err and "seed: folder 0, now 3" in err and "cfg_scale: folder 1.0, now 1.5" in err
+    assert "error: ConfigError:" in err and "seed: 0 there, 3 now" in err and "cfg_scale: 1.0 there, 1.5 now" in err
     # another checkpoint (same run, other step) is another identity
     other = checkpoint.parent / "0000009.pt"
     ckpt = load_checkpoint(checkpoint)
@@ -406,14 +406,14 @@ def test_an_output_folder_made_with_other_settings_is_refused(checkpoint, tmp_pa
     atomic_save(ckpt, other)
     try:
         assert _sample(other, "--mode", "ode", "--output", str(out)) == 2
-        assert "checkpoint_sha256: folder" in capsys.readouterr().err
+        assert "checkpoint_sha256: '" in capsys.readouterr().err
     finally:
         other.unlink()
     # images of unknown origin
     (tmp_path / "old" / "images").mkdir(parents=True)
     (tmp_path / "old" / "images" / "000000.png").write_bytes(b"x")
     assert _sample(checkpoint, "--mode", "ode", "--output", str(tmp_path / "old")) == 2
-    assert "no settings.json" in capsys.readouterr().err
+    assert "no samples.json" in capsys.readouterr().err
     # a folder another process writes
     with FolderLock(tmp_path / "busy"):
         assert _sample(checkpoint, "--mode", "ode", "--output", str(tmp_path / "busy")) == 2

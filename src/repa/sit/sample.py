@@ -1,24 +1,32 @@
 """``repa sample``: images from a ``repa train`` checkpoint, as PNGs and as an ADM-style ``.npz``.
 
+Official checkpoints of the REPA code (the released ``last.pt``, train.py checkpoints, legacy
+ones) sample too: ``repa sample --ckpt last.pt`` (see :mod:`repa.sit.official`).
+
     repa sample --ckpt runs/fmnist-sit-t4-repa --num-samples 1000 --mode ode --steps 50
     torchrun --nproc_per_node 8 -m repa.sit.sample --ckpt CKPT --num-samples 50000 \\
         --mode sde --steps 250 --cfg-scale 1.8 --guidance-high 0.7      # REPA's FID 1.42 setting
 
-Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is ``i % num_classes``
-(``--classes balanced``: exactly N / num_classes per class) or the ``i``-th draw of a generator
-seeded with ``--seed`` (``random``); its initial noise comes from a generator seeded by
-(seed, i). So with the ODE sampler the images do not depend on the number of processes or the
-batch size; the SDE's per-step noise is drawn per batch. Each rank writes its own
+Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is the ``i``-th draw of a
+generator seeded with ``--seed`` (``--classes random``, the default: uniform labels, the
+reference's FID protocol) or ``i % num_classes`` (``balanced``: exactly N / num_classes per
+class); its initial noise comes from a generator seeded by (seed, i). So with the ODE sampler
+the images do not depend on the number of processes or the batch size; the SDE's per-step
+noise is drawn per batch. Each rank writes its own
 ``images/<i:06d>.png`` (existing ones are kept, so an interrupted job continues); then rank 0
 packs all N into ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to 3
-channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall).
+channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall), and a
+``samples.json`` record of how they were drawn (label protocol, pixel rounding, sampler, seed).
+Pixels are written as the reference writes them, clamp(127.5 (x + 1), 0, 255) cast to uint8
+(``--pixels truncate``, the default), so FIDs compare with the paper's; ``--pixels round``
+rounds to the nearest level instead.
 Latent models are decoded with the checkpoint's SD-VAE (or ``--vae``).
 
-An output folder never mixes settings: ``settings.json`` records everything that changes the
-images (the checkpoint's sha256 and step, weights, seed, sampler, steps, guidance, classes,
-N, precision, VAE; for the SDE also the batch layout), the default folder name encodes them,
-and a folder made with other settings is refused. The folder is locked while a process
-writes it.
+An output folder never mixes settings: ``samples.json`` is written before sampling starts and
+records everything that changes the images (the checkpoint's sha256 and step, weights, seed,
+sampler, steps, guidance, classes, pixels, N, precision, VAE; for the SDE also the batch
+layout); the default folder name encodes them, and a folder made with other settings is
+refused. The folder is locked while a process writes it.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .configs import build_model
 from .distributed import DistInfo, barrier, init_distributed, lock_folder_on_main, shutdown_distributed
-from .images import save_png, to_uint8
+from .images import PIXEL_ROUNDINGS, save_png, to_uint8
+from .official import add_official_arguments, load_any_checkpoint
 from .sampling import METHODS, SOLVERS, sample
 
 __all__ = [
-    "add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz", "sample_settings",
+    "add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz", "write_record",
+    "sample_settings",
 ]
 
 CLASS_MODES = ("balanced", "random")
@@ -52,26 +62,33 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``repa sample``."""
-    parser.add_argument("--ckpt", required=True, help="a checkpoint file written by `repa train`, or its run folder (newest)")
+    parser.add_argument("--ckpt", required=True,
+                        help="a checkpoint file written by `repa train`, or its run folder (newest), or an official REPA checkpoint")
     parser.add_argument("--num-samples", type=int, default=50_000, help="N images in all (default: 50000, FID-50K)")
     parser.add_argument("--mode", choices=list(METHODS), default="sde", help="sampler (default: sde, REPA's)")
     parser.add_argument("--solver", choices=sorted({s for v in SOLVERS.values() for s in v}), default="euler",
                         help="ODE solver: euler or heun (the SDE is Euler-Maruyama) (default: euler)")
     parser.add_argument("--steps", type=int, default=250, help="sampler steps (default: 250)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (paper best: 1.8)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale, applied only when > 1 as in the reference (paper best: 1.8)")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only steps starting at t >= this (default: 0)")
     parser.add_argument("--guidance-high", type=float, default=0.7, help="guide only steps starting at t <= this (default: 0.7)")
-    parser.add_argument("--classes", choices=list(CLASS_MODES), default="balanced",
-                        help="labels: balanced (i %% num_classes) or random (seeded) (default: balanced)")
+    parser.add_argument("--classes", choices=list(CLASS_MODES), default="random",
+                        help="labels: random (seeded uniform draws, the reference's FID protocol) or balanced "
+                        "(i %% num_classes) (default: random)")
+    parser.add_argument("--pixels", choices=list(PIXEL_ROUNDINGS), default="truncate",
+                        help="float -> uint8: truncate (the reference's clamp(127.5 (x + 1), 0, 255) cast) or round "
+                        "(default: truncate)")
     parser.add_argument("--per-proc-batch", type=int, default=64, help="images per forward on each process (default: 64)")
     parser.add_argument("--output", default=None,
-                        help="output folder (default: <run>/eval/<step>-<ckpt hash>-<weights>-<sampler>-cfg...-seed<S>-n<N>, "
-                        "every setting that changes the images); a folder made with other settings is refused")
+                        help="output folder (default: <run>/eval/<step>-<ckpt sha8>-<weights>-<sampler>-cfg...-<classes>-"
+                        "seed<S>-n<N>, every setting that changes the images); a folder made with other settings is refused")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labels and noise (default: 0)")
     parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype (default: no)")
     parser.add_argument("--vae", default=None, help="SD-VAE folder or cached hub id (default: the one the run used)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_official_arguments(parser)
 
 
 _SAMPLING_KEYS = ("step", "config", "data", "model_name", "model_kwargs")
@@ -161,25 +178,29 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def sample_settings(args: argparse.Namespace, ckpt_sha256: str, step: int, vae: Any, world_size: int) -> Dict[str, Any]:
-    """Every setting that changes the images of a ``repa sample`` run (stored as ``settings.json``).
+def sample_settings(
+    args: argparse.Namespace, ckpt_path: Path, ckpt_sha256: str, step: int, vae: Any, world_size: int
+) -> Dict[str, Any]:
+    """Every setting that changes the images of a ``repa sample`` run (the ``samples.json`` record).
 
-    The ODE's images depend on (checkpoint, weights, seed, i, sampler, guidance, labels, precision,
-    VAE) only; the SDE draws its per-step noise per batch, so its batch layout counts too.
+    The ODE's images depend on (checkpoint, weights, seed, i, sampler, guidance, labels, pixels,
+    precision, VAE) only; the SDE draws its per-step noise per batch, so its batch layout counts too.
     """
     settings: Dict[str, Any] = {
+        "checkpoint": str(ckpt_path),
         "checkpoint_sha256": ckpt_sha256,
-        "checkpoint_step": step,
-        "weights": args.weights,
-        "seed": args.seed,
+        "step": step,
+        "num_samples": args.num_samples,
+        "classes": getattr(args, "classes", "random"),  # random = the reference's protocol
+        "pixels": getattr(args, "pixels", "truncate"),  # truncate = the reference's uint8 conversion
         "mode": args.mode,
         "solver": args.solver if args.mode == "ode" else "euler-maruyama",
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
         "guidance_low": args.guidance_low,
         "guidance_high": args.guidance_high,
-        "classes": args.classes,
-        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "weights": args.weights,
         "mixed_precision": args.mixed_precision,
         "vae": vae,
     }
@@ -189,14 +210,16 @@ def sample_settings(args: argparse.Namespace, ckpt_sha256: str, step: int, vae: 
     return settings
 
 
-def default_output(run: Path, settings: Dict[str, Any]) -> Path:
-    """``<run>/eval/<step>-<hash8>-<weights>-<sampler>-cfg<s>[-g<lo>-<hi>]-<classes>-seed<S>[...]-n<N>``."""
+def default_output(run: Path, tag: str, settings: Dict[str, Any]) -> Path:
+    """``<run>/eval/<tag>-<sha8>-<weights>-<sampler>-cfg<s>[-g<lo>-<hi>]-<classes>-seed<S>[...]-n<N>``."""
     s = settings
-    sampler = f"{s['mode']}{s['steps']}" + (f"-{s['solver']}" if s["mode"] == "ode" else f"-b{s['per_proc_batch']}x{s['world_size']}")
-    parts = [f"{s['checkpoint_step']:07d}", s["checkpoint_sha256"][:8], s["weights"], sampler, f"cfg{s['cfg_scale']:g}"]
-    if s["cfg_scale"] != 1.0:
+    layout = f"-{s['solver']}" if s["mode"] == "ode" else f"-b{s['per_proc_batch']}x{s['world_size']}"
+    parts = [tag, s["checkpoint_sha256"][:8], s["weights"], f"{s['mode']}{s['steps']}{layout}", f"cfg{s['cfg_scale']:g}"]
+    if s["cfg_scale"] > 1.0:  # guidance (and so its interval) applies only above 1
         parts.append(f"g{s['guidance_low']:g}-{s['guidance_high']:g}")
     parts += [s["classes"], f"seed{s['seed']}"]
+    if s["pixels"] != "truncate":
+        parts.append(s["pixels"])
     if s["mixed_precision"] != "no":
         parts.append(s["mixed_precision"])
     if s["vae"] is not None:
@@ -205,37 +228,43 @@ def default_output(run: Path, settings: Dict[str, Any]) -> Path:
     return run / "eval" / "-".join(parts)
 
 
-def _claim_output(out: Path, settings: Dict[str, Any]) -> None:
-    """Record ``settings`` in ``out/settings.json``, or refuse a folder made with other (or unknown) settings."""
-    record = out / "settings.json"
-    if record.is_file():
+def write_record(folder: Path, settings: Dict[str, Any]) -> Path:
+    """``samples.json`` beside ``samples.npz``: how the samples were drawn, so FIDs can be compared.
+
+    Written before sampling starts; a folder whose record says other settings (or that holds
+    images without a record) is refused, so PNGs drawn one way are never completed with PNGs
+    drawn another way. The checkpoint counts by its sha256 (a file replaced under the same name
+    is another checkpoint); its path may change (a moved run folder).
+    """
+    path = folder / "samples.json"
+    if path.is_file():
         try:
-            stored = json.loads(record.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{str(record)!r} is not valid JSON ({exc}); delete {str(out)!r} to sample again") from exc
-        diffs = [
-            f"{k}: folder {stored.get(k)!r}, now {v!r}" for k, v in settings.items() if stored.get(k) != v
-        ] + [f"{k}: folder {stored[k]!r}, now unset" for k in stored if k not in settings]
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{str(path)!r} is unreadable ({exc}); delete {str(folder)!r} to draw the samples again") from exc
+        keys = [k for k in dict.fromkeys([*settings, *old]) if k != "checkpoint"]
+        diffs = [f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in keys if old.get(k) != settings.get(k)]
         if diffs:
             raise ConfigError(
-                f"{str(out)!r} holds samples made with other settings ({'; '.join(diffs)}); its images would be "
-                "stale. Pass another --output (or drop --output for a folder named after the settings), or delete "
-                "the folder to start over"
+                f"{folder} holds samples drawn with other settings ({'; '.join(diffs)}); its images would be stale. "
+                "Pass another --output (or drop --output for a folder named after the settings), or delete that "
+                "folder to draw them again"
             )
-        return
-    images = out / "images"
-    if images.is_dir() and any(images.iterdir()):
-        raise ConfigError(
-            f"{str(out)!r} already holds images but no settings.json, so they may come from other settings; pass "
-            "another --output, or delete the folder"
-        )
-    tmp = record.with_name(f".{record.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, record)
+    else:
+        images = folder / "images"
+        if images.is_dir() and any(images.iterdir()):
+            raise ConfigError(
+                f"{folder} already holds images but no samples.json, so they may come from other settings; pass "
+                "another --output, or delete that folder"
+            )
+    tmp = folder / f".samples.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def _raise_on_any_rank(info: DistInfo, failure: Optional[BaseException], what: str) -> None:
-    """Every rank raises if one failed (rank 0's own error there, a short one elsewhere)."""
+    """Every rank raises if one failed (rank 0 its own error, the others a short one)."""
     failed = failure is not None
     if info.distributed:
         flag = torch.tensor([1 if failed else 0], device=info.device)
@@ -259,10 +288,11 @@ def main(args: argparse.Namespace) -> int:
     lock = None
     try:
         ckpt_path = resolve_checkpoint(args.ckpt)
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_any_checkpoint(ckpt_path, args)  # repa's own format, or an official REPA checkpoint
         model = load_sampling_model(ckpt, args.weights).to(info.device)
         data, cfg = ckpt["data"], ckpt["config"]
         step = int(ckpt["step"])
+        official = "official" in ckpt  # an official REPA file: outputs go beside it, named after it
         del ckpt
         vae = None
         vae_name = None
@@ -271,13 +301,17 @@ def main(args: argparse.Namespace) -> int:
 
             vae_name = args.vae or data["vae"]
             vae = load_vae(vae_name, info.device)
-        settings = sample_settings(args, file_sha256(ckpt_path), step, vae_name, info.world_size)
-        out = Path(args.output) if args.output is not None else default_output(ckpt_path.parent.parent, settings)
+        settings = sample_settings(args, ckpt_path, file_sha256(ckpt_path), step, vae_name, info.world_size)
+        if args.output is not None:
+            out = Path(args.output)
+        else:
+            run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
+            out = default_output(run, tag, settings)
         lock = lock_folder_on_main(info, out, "repa sample", flag="--output")  # one writer per output folder
         failure: Optional[BaseException] = None
         if info.is_main:
             try:
-                _claim_output(out, settings)
+                write_record(out, settings)  # refuses a folder drawn with other settings
                 (out / "images").mkdir(parents=True, exist_ok=True)
             except Exception as exc:  # every rank stops below
                 failure = exc
@@ -311,7 +345,7 @@ def main(args: argparse.Namespace) -> int:
                 from .data import decode_latents
 
                 x = decode_latents(vae, x, float(data["latent_scale"]))  # (B, 3, R, R)
-            images = to_uint8(x).cpu()  # (B, C, H, W)
+            images = to_uint8(x, getattr(args, "pixels", "truncate")).cpu()  # (B, C, H, W)
             for i, img in zip(idx, images):
                 save_png(img.permute(1, 2, 0).numpy(), _png_path(out, i))
         barrier(info)

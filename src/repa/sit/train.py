@@ -55,7 +55,6 @@ from ..errors import (
 )
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_save,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
@@ -63,6 +62,8 @@ from .checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
+    save_checkpoint,
+    clean_stale_temp_files,
 )
 from .configs import CONFIGS, FIELD_NAMES, MIXED_PRECISION, TrainConfig, build_model, model_names, resolve_config
 from .data import DataInfo, encode_moments, images_to_model_input, load_vae, open_dataset, sample_latents
@@ -91,7 +92,7 @@ _RESUME_APPLIED = ("learning_rate",)
 _RESUME_FREE = (
     "max_train_steps", "checkpointing_steps", "log_every", "sample_every", "sample_count", "sample_steps",
     "sample_mode", "sample_cfg", "tensorboard", "num_workers", "allow_tf32", "output_dir", "exp_name",
-    "resume", "config_name",
+    "resume", "config_name", "init_from", "verify_cache",
 )
 # Kept for code that imported it: the settings refused when they differ on resume.
 _RESUME_KEYS = tuple(f for f in FIELD_NAMES if f not in _RESUME_APPLIED + _RESUME_FREE)
@@ -150,6 +151,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--num-workers", "DataLoader worker processes per rank", type=int)
     add(g, "--skip-bad-images", "image folders: skip (with a warning) files that cannot be decoded instead of "
         "stopping; every image is decoded once at start to find them", action="store_true")
+    add(
+        g,
+        "--no-verify-cache",
+        "a feature cache --data: skip the sha256 of each shard before its first read (for a cache already checked "
+        "with `repa cache verify`); targets are still checked finite as they are read",
+        dest="verify_cache",
+        action="store_false",
+    )
 
     g = parser.add_argument_group("REPA")
     add(g, "--no-repa", "train the baseline without the alignment term", dest="repa", action="store_false")
@@ -195,12 +204,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--sample-cfg", "guidance scale for the grid (1 = none)", type=float)
     add(g, "--tensorboard", "also log to TensorBoard (needs the tensorboard package)", action="store_true")
     add(g, "--resume", "continue from a checkpoint: a file, a run folder, or 'latest' (this run's newest)")
+    add(
+        g,
+        "--init-from",
+        "start from an official REPA checkpoint (released last.pt or a train.py checkpoint): SiT, EMA and "
+        "projectors; a train.py checkpoint's args set model, encoder, depth, path, ... unless flags say otherwise",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- ``--config`` <- the flags given on the command line."""
     given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    if given.get("init_from") and not given.get("resume"):
+        from .official import official_train_settings
+
+        # the checkpoint's settings sit between --config and the flags
+        given = {**official_train_settings(given["init_from"]), **given}
     return resolve_config(getattr(args, "config", None), given)
 
 
@@ -328,7 +348,9 @@ def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset,
             "computed when the cache was built (see its index.json); drop --enc-weights, or build a cache with "
             "`repa cache --weights NAME=FILE ...`"
         )
-    dataset = CachedFeatureDataset(cfg.data, encoders=names, resolution=cfg.resolution)
+    dataset = CachedFeatureDataset(
+        cfg.data, encoders=names, resolution=cfg.resolution, verify="sha256" if cfg.verify_cache else "none"
+    )
     info = dataset.data_info()
     if info.kind == "pixels" and not dataset.load_images:
         raise CacheMismatchError(
@@ -482,6 +504,8 @@ def _raise_if_any_failed(failure: Optional[BaseException], target: Path, dist_in
         flag = torch.tensor([1 if failed else 0], device=dist_info.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         failed = bool(flag.item())
+    if isinstance(failure, CheckpointError):  # rank 0: the writer's own message (space left, limits)
+        raise failure
     if failed:
         reason = f"{type(failure).__name__}: {failure}" if failure is not None else "see rank 0's error"
         raise CheckpointError(
@@ -739,6 +763,11 @@ def _train(
     amp_dtype, scaler = precision_settings(cfg.mixed_precision, device)
     path = get_path(cfg.path_type)
 
+    if cfg.init_from and resume_path is None:  # an official REPA checkpoint: SiT, EMA, projectors
+        from .official import init_from_official
+
+        init_from_official(cfg.init_from, model, reg, ema, encoder_depth=None)
+
     # ---------------------------------------------------------------- resume
     start_step = 0
     acc = torch.zeros(6, dtype=torch.float64, device=device)  # log sums: loss, denoise, align, cos, grad norm, count
@@ -786,6 +815,7 @@ def _train(
     writer = None
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(run_dir)  # unfinished checkpoint writes of a killed process
         run_meta: Dict[str, Any] = {"config": cfg.to_dict(), "data": info.to_dict(), "world_size": world}
         if resume_path is not None:
             run_meta["resumed_from"] = {"checkpoint": str(resume_path), "step": start_step}
@@ -821,7 +851,7 @@ def _train(
         failure: Optional[BaseException] = None
         if dist_info.is_main:
             try:
-                atomic_save(
+                save_checkpoint(
                     {
                         "format": CHECKPOINT_FORMAT,
                         "step": step,
@@ -843,7 +873,7 @@ def _train(
                     },
                     target,
                 )
-            except OSError as exc:  # disk full, quota, permissions: earlier checkpoints are intact
+            except (CheckpointError, OSError) as exc:  # disk full, quota: earlier checkpoints are intact
                 failure = exc
         _raise_if_any_failed(failure, target, dist_info)
         return target
