@@ -91,19 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_official_arguments(parser)
 
 
-_SAMPLING_KEYS = ("step", "config", "data", "model_name", "model_kwargs")
-
-
 def load_sampling_model(ckpt: Dict[str, Any], weights: str = "ema") -> torch.nn.Module:
     """Rebuild the checkpoint's SiT with its EMA (or raw) weights, in eval mode."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
-    missing = [k for k in (*_SAMPLING_KEYS, weights) if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint lacks {', '.join(missing)}: it is incomplete or was edited; sample from another "
-            "checkpoint of the run"
-        )
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     if weights == "ema":
         prefix = "shadows.model."

@@ -412,20 +412,6 @@ def _apply_resume_changes(saved: Dict[str, Any], cfg: TrainConfig, optimizer: to
                      old, cfg.learning_rate, cfg.learning_rate)
 
 
-# the entries a `repa train` checkpoint must hold to be resumed
-_CHECKPOINT_KEYS = ("step", "config", "model", "ema", "optimizer", "scaler", "regularizer")
-
-
-def _require_checkpoint_keys(ckpt: Dict[str, Any], path: Path, keys: Sequence[str] = _CHECKPOINT_KEYS) -> None:
-    """A checkpoint of the right format but missing entries is a :class:`CheckpointError`, not a ``KeyError``."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is incomplete or was edited; resume from "
-            "another checkpoint of the run (its checkpoints/ folder)"
-        )
-
-
 def _resume_source(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
     """The checkpoint to resume from (None: a fresh run), refusing anything that would overwrite a run.
 
@@ -773,7 +759,6 @@ def _train(
     acc = torch.zeros(6, dtype=torch.float64, device=device)  # log sums: loss, denoise, align, cos, grad norm, count
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        _require_checkpoint_keys(ckpt, resume_path)
         _check_resume_compatible(ckpt["config"], cfg, resume_path)
         try:
             model.load_state_dict(ckpt["model"])
@@ -782,6 +767,8 @@ def _train(
             scaler.load_state_dict(ckpt["scaler"])
             if reg is not None:
                 reg.load_state_dict(ckpt["regularizer"])
+        except CheckpointError:  # entries missing: the checkpoint names them
+            raise
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {str(resume_path)!r} does not fit this run ({type(exc).__name__}: {str(exc)[:300]}); "
