@@ -442,3 +442,27 @@ def test_a_killed_sampling_run_resumes_to_the_same_images(checkpoint, tmp_path):
                            text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], np.load(tmp_path / "whole" / "samples.npz")["arr_0"])
+
+
+# --------------------------------------------------------------------------------------------
+# OpenMP's wait policy: passive for the `repa` programs, untouched for a user's script
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "orig_argv, preset, expected",
+    [
+        (["python", "-m", "repa.cli", "train"], None, "PASSIVE"),  # `python -m repa.cli`, a torchrun rank
+        (["python", "my_train.py"], None, "None"),  # a user's script importing repa: left alone
+        (["python", "-m", "repa.sit.train"], "ACTIVE", "ACTIVE"),  # the user's choice wins
+    ],
+)
+def test_the_repa_programs_wait_passively_unless_told_otherwise(orig_argv, preset, expected):
+    code = (f"import sys; sys.argv = ['x']; sys.orig_argv = {orig_argv!r}; import repa, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
