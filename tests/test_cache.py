@@ -339,7 +339,7 @@ def test_unfinished_build_says_how_to_finish(fmnist_cache, tmp_path):
     (cache / "index.json").unlink()
     with pytest.raises(CorruptCacheError, match=r"has no index\.json: its build did not finish or the index was deleted; finish or repair it with: repa cache"):
         CachedFeatureDataset(cache)
-    assert repa_main(["cache", "verify", str(cache)]) == 1
+    assert repa_main(["cache", "verify", str(cache)]) == 2  # a CorruptCacheError: one line, status 2
     from repa.errors import DataNotFoundError
 
     with pytest.raises(DataNotFoundError, match=r"is not a feature cache"):
