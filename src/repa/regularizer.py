@@ -31,11 +31,12 @@ from .errors import (
     ShapeMismatchError,
     StateDictError,
 )
-from .grid import Grid, as_grid, flatten_feature_map, infer_grid, resample_tokens
+from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
 from .schedules import Schedule, WeightLike, as_schedule, from_dict
+from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
 
@@ -46,7 +47,7 @@ EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
 # keyword options of the pieces, accepted as constructor keywords
 _LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
-_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS]
+_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS, *VIDEO_OPTION_KEYS]
 
 
 class REPAOutput(NamedTuple):
@@ -140,10 +141,11 @@ class REPARegularizer(nn.Module):
         projector: ``"mlp"`` (REPA), ``"linear"``, ``"conv"`` (iREPA) or ``(in, out) -> nn.Module``.
         projector_dim: hidden width of the MLP projector (REPA: 2048).
         loss: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"``,
-            ``"relation"`` or ``(pred, target) -> scalar``.
+            ``"relation"``, ``"trd"`` (VideoREPA) or ``(pred, target) -> scalar``.
         tokens: which tokens of a hooked output are image tokens: ``None`` (all, or the model
             preset's choice), a slice, a callable on the raw output, or a dict layer -> one of these.
-        grid: the model's token grid ``(h, w)`` (or a dict layer -> grid); inferred when square.
+        grid: the model's token grid ``(h, w)``, or ``(t, h, w)`` for video tokens (or a dict
+            layer -> grid); inferred when square; video presets read it from each forward's input.
         mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
             raises :class:`~repa.errors.GridMismatchError`.
         input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
@@ -155,7 +157,9 @@ class REPARegularizer(nn.Module):
         check_inputs: check the float image range each call (one host sync).
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
-            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
+            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization),
+            ``margin``/``relation_chunk`` (trd), and for videos ``video_layout``,
+            ``temporal_compression``, ``frame_pooling``, ``frame_chunk`` (:class:`repa.video.VideoOptions`).
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class REPARegularizer(nn.Module):
             raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
         alpha = float(options.pop("alpha", 0.6))
         kernel_size = options.pop("kernel_size", None)
+        self.video = VideoOptions.pop_from(options)  # video_layout, temporal_compression, ... (repa.video)
         loss_options = {k: options.pop(k) for k in list(options)}
 
         base = unwrap_model(model)
@@ -238,7 +243,11 @@ class REPARegularizer(nn.Module):
         self._grids = {}
         for n in self.layer_names:
             g = _per_layer(grid, n, "grid", self.layer_names)
-            self._grids[n] = as_grid(g) if g is not None else None
+            self._grids[n] = as_token_grid(g) if g is not None else None
+        # video presets record each forward's (t, h, w) token grid from the model's input
+        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
+        if self._grid_tracker is not None:
+            self._grid_tracker.owner = self
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
@@ -260,7 +269,10 @@ class REPARegularizer(nn.Module):
             "resample": resample,
             "options": {
                 k: v
-                for k, v in {"target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options}.items()
+                for k, v in {
+                    "target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options,
+                    **self.video.to_dict(),
+                }.items()
                 if v is not None
             },
         }
@@ -359,6 +371,8 @@ class REPARegularizer(nn.Module):
         for selector in self._tokens.values():
             if callable(getattr(selector, "remove", None)):
                 selector.remove()
+        if self._grid_tracker is not None:
+            self._grid_tracker.remove()
         self._captures.clear()
 
     def __enter__(self) -> "REPARegularizer":
@@ -430,7 +444,8 @@ class REPARegularizer(nn.Module):
 
         Args:
             images: the CLEAN images of the batch, uint8 in [0, 255] or float in
-                ``input_range``, (B, C, H, W).
+                ``input_range``, (B, C, H, W); or clean videos (B, C, T, H, W) / (B, T, C, H, W)
+                for video models (see :mod:`repa.video`).
             features: precomputed encoder targets instead of ``images``: a tensor (one
                 encoder), a list (in encoder order) or a dict keyed by encoder name; each
                 (B, N_e, D_e) or (B, D_e, h, w).
@@ -497,6 +512,8 @@ class REPARegularizer(nn.Module):
                 f"layer {layer!r} returned {type(x).__name__}, not a tensor; pass tokens=<callable output -> tensor>"
             )
         grid = self._grids[layer]
+        if grid is None and self._grid_tracker is not None:
+            grid = self._grid_tracker.grid  # (t, h, w) of the forward that produced this capture
         if x.ndim == 4:  # (B, C, H, W) conv / U-Net features
             x, grid4 = flatten_feature_map(x)  # (B, H*W, C)
             if isinstance(sel, slice):
@@ -512,10 +529,10 @@ class REPARegularizer(nn.Module):
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
-        elif grid[0] * grid[1] != n:
+        elif grid_cells(grid) != n:
             raise ShapeMismatchError(
-                f"grid={grid} of layer {layer!r} has {grid[0] * grid[1]} cells but the layer gives {n} image tokens; "
-                "fix grid= or tokens="
+                f"grid={grid} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} image tokens; "
+                "fix grid= (video: (t, h, w) after patching) or tokens="
             )
         if x.shape[-1] != self.hidden_dims[layer]:
             raise ShapeMismatchError(
@@ -570,6 +587,8 @@ class REPARegularizer(nn.Module):
     def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
         if (images is None) == (features is None):
             raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
+        if is_video_call(images, features, self.encoder_dims):  # (B, C, T, H, W) clips: repa.video
+            return encode_video_targets(self, images) if features is None else video_feature_targets(self, features)
         out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
         if features is not None:
             raw = self._features_by_encoder(features)
@@ -614,7 +633,7 @@ class REPARegularizer(nn.Module):
         return out
 
     def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
-        msg = f"layer {layer!r} has a {grid_m[0]}x{grid_m[1]} token grid but encoder {enc_name!r} gives {grid_e[0]}x{grid_e[1]}"
+        msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
         if isinstance(images, torch.Tensor):
             msg += f" for {images.shape[-2]}x{images.shape[-1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
