@@ -322,7 +322,7 @@ def test_cosine_on_video_equals_the_per_token_formula_after_resampling():
         y = y.reshape(1, 3, 4, 2, 4, 2, 6).mean(dim=(3, 5)).reshape(1, 48, 6)  # 2x2 block means per frame
         pred = reg.projectors[0](hidden)
         expected = -F.cosine_similarity(pred, y, dim=-1).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_precomputed_video_targets_enter_as_features():
@@ -334,7 +334,7 @@ def test_precomputed_video_targets_enter_as_features():
     feats = torch.randn(2, 3, 16, 6)  # (B, T_lat, N, D) as a video cache stores them
     loss = reg(features=feats)
     expected = -F.cosine_similarity(reg.projectors[0](hidden), feats.reshape(2, 48, 6), dim=-1).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     model(torch.randn(2, 4, 3, 8, 8))
     bad = feats.clone()
     bad[0, 0, 0, 0] = float("nan")

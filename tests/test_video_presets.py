@@ -223,3 +223,15 @@ def test_tiny_video_model_trains_a_step_through_its_preset(name):
         assert has_grad(model.get_submodule(block)) == (i <= layer_index), block
     for layer in OUTPUT_LAYERS[name]:
         assert not has_grad(model.get_submodule(layer))
+
+
+def test_an_ema_copy_of_the_model_never_replaces_the_grid():
+    import copy
+
+    model = tiny_wan()
+    reg = REPARegularizer(model, layers=1, encoders=6)
+    ema = copy.deepcopy(model)
+    run("wan", model, torch.randn(B, 4, 3, 8, 8))
+    run("wan", ema, torch.randn(B, 4, 5, 8, 8))  # the copy runs with grad enabled too
+    assert reg._grid_tracker.grid == (3, 4, 4)
+    assert set(reg._captures) == {"blocks.1"}

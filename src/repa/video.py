@@ -22,13 +22,13 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, ShapeMismatchError
-from .grid import AnyGrid, as_grid, format_grid, grid_cells, infer_grid
+from .grid import AnyGrid, format_grid, infer_grid
 
 __all__ = [
     "VIDEO_OPTION_KEYS",
@@ -310,7 +310,7 @@ class VideoGridTracker:
         except (TypeError, ValueError):  # pragma: no cover - builtin forward
             self._signature = None
         self._model = [model]
-        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        self._handle = model.register_forward_pre_hook(_GridHook(self), with_kwargs=True)
 
     def _record(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         owner = self.owner
@@ -333,26 +333,23 @@ class VideoGridTracker:
             self._handle.remove()
             self._handle = None
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> None:  # an EMA copy of the model gets no tracker
-        return None
-
     def __repr__(self) -> str:
         g = format_grid(self.grid) if self.grid else None
         return f"VideoGridTracker(grid={g}, temporal_compression={self.temporal_compression})"
 
 
-def check_token_grid(grid: Sequence[int], n: int, layer: str) -> None:
-    """A clear error when a (t, h, w) or (h, w) grid does not hold the layer's ``n`` tokens."""
-    if grid_cells(grid) != n:
-        raise ShapeMismatchError(
-            f"grid={format_grid(grid)} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} "
-            "tokens; fix grid= (video models: (t, h, w) after patching) or tokens="
-        )
+class _GridHook:
+    """The pre-hook object; a deep copy of the model (an EMA copy) carries an inert one."""
 
+    def __init__(self, tracker: Optional[VideoGridTracker]) -> None:
+        self.tracker = tracker
 
-def spatial_grid(grid: Sequence[int]) -> Tuple[int, int]:
-    """(h, w) of a 2D or 3D grid."""
-    return as_grid(tuple(grid)[-2:])
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker._record(module, args, kwargs)
 
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_GridHook":
+        return _GridHook(None)
 
-TensorOrVideo = Union[torch.Tensor, None]
+    def __reduce__(self):
+        return (_GridHook, (None,))
