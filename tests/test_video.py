@@ -388,3 +388,22 @@ def test_a_3d_grid_must_hold_the_layer_tokens():
     model(torch.randn(1, 4, 3, 8, 8))  # 48 tokens, grid says 32
     with pytest.raises(ShapeMismatchError, match=r"grid=\(2, 4, 4\) of layer 'blocks.1' has 32 cells but the layer gives 48"):
         reg(features=torch.randn(1, 2, 16, 6))
+
+
+def test_memory_arithmetic_of_the_readme():
+    """benchmarks/video_memory.py's figures for 81 frames at 480 x 832 with DINOv2-B, by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "video_memory.py"
+    spec = importlib.util.spec_from_file_location("video_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = module.arithmetic(81, 480, 832, "dinov2-vit-b", 4, 8, 2)
+    # DINOv2 reads 480 x 832 at 224/256 scale: 420 x 728 -> 30 x 52 patches of 14 px
+    assert a["encoder_input"] == [420, 728] and a["tokens_per_frame"] == 30 * 52
+    assert a["latent_frames"] == 21
+    assert a["targets_per_clip_fp16_bytes"] == 21 * 1560 * 768 * 2 == 50_319_360
+    assert a["per_frame_targets_fp16_bytes"] == 81 * 1560 * 768 * 2
+    assert a["model_tokens"] == 21 * 30 * 52 == 32_760
+    assert a["relation_matrix_fp32_bytes"] == 32_760**2 * 4
