@@ -407,3 +407,16 @@ def test_memory_arithmetic_of_the_readme():
     assert a["per_frame_targets_fp16_bytes"] == 81 * 1560 * 768 * 2
     assert a["model_tokens"] == 21 * 30 * 52 == 32_760
     assert a["relation_matrix_fp32_bytes"] == 32_760**2 * 4
+
+
+def test_conv_projector_runs_per_latent_frame_on_video_grids():
+    from repa.projectors import ConvProjector
+
+    torch.manual_seed(0)
+    proj = ConvProjector(5, 3, kernel_size=3)
+    x = torch.randn(2, 3 * 4 * 4, 5)  # grid (3, 4, 4)
+    out = proj(x, (3, 4, 4))
+    frames = x.reshape(2, 3, 16, 5)
+    by_hand = torch.stack([proj.conv(frames[:, f].transpose(1, 2).reshape(2, 5, 4, 4)).flatten(2).transpose(1, 2)
+                           for f in range(3)], 1).reshape(2, 48, 3)
+    assert torch.allclose(out, by_hand, atol=1e-6)
