@@ -147,3 +147,13 @@ def test_repa_cache_video_command_line(tmp_path, capsys):
                      "--resolution", "28"])
     assert code == 1
     assert "for videos pass --frame-size H,W" in capsys.readouterr().err
+
+
+def test_frame_size_resizes_and_mixed_sizes_are_refused(tmp_path):
+    data = make_clips(tmp_path / "clips", frames=(5,))
+    Image.new("RGB", (14, 14)).save(data / "clip_0" / "frame_5.png")  # one odd-sized frame
+    with pytest.raises(ShapeMismatchError, match=r"different sizes .* pass --frame-size H,W"):
+        build(data, tmp_path / "c1", num_frames=6, temporal_compression=5)
+    index = build(data, tmp_path / "c2", num_frames=6, temporal_compression=5, frame_size=(28, 56))
+    rec = index["records"][0]["targets"]["dinov2-vit-s"]
+    assert rec["shape"] == [2, 2 * 4, 384] and rec["grid"] == [2, 2, 4]  # 28 x 56 px -> 2 x 4 tokens
