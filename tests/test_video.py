@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repa import REPARegularizer
-from repa.errors import ConfigError, ShapeMismatchError
+from repa.errors import ConfigError, NonFiniteInputError, ShapeMismatchError
 from repa.grid import as_token_grid, format_grid, grid_cells, resample_tokens
 from repa.losses import build_loss, token_relation_distillation
 from repa.video import (
@@ -338,7 +338,7 @@ def test_precomputed_video_targets_enter_as_features():
     model(torch.randn(2, 4, 3, 8, 8))
     bad = feats.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ShapeMismatchError, match="non-finite values"):
+    with pytest.raises(NonFiniteInputError, match="features= for encoder .* hold 1 NaN"):
         reg(features=bad)
 
 

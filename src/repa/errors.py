@@ -15,12 +15,15 @@ __all__ = [
     "LayerNotFoundError",
     "HiddenDimError",
     "InputRangeError",
+    "NonFiniteInputError",
     "ShapeMismatchError",
     "GridMismatchError",
     "CaptureError",
     "StateDictError",
     "WeightsNotFoundError",
     "CheckpointError",
+    "CheckpointWriteError",
+    "UnsafeCheckpointError",
     "DataNotFoundError",
     "CacheError",
     "CacheMismatchError",
@@ -53,6 +56,10 @@ class InputRangeError(ConfigError):
     """Images are outside the declared ``input_range``."""
 
 
+class NonFiniteInputError(InputRangeError):
+    """Images or precomputed encoder targets passed to the regularizer hold NaN or Inf."""
+
+
 class ShapeMismatchError(ConfigError):
     """A tensor has a shape other than the one expected."""
 
@@ -77,6 +84,14 @@ class CheckpointError(REPAError, RuntimeError):
     """A training checkpoint is missing, incomplete or incompatible."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, file size limit); earlier checkpoints are kept."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled Python objects, which `repa` refuses to load (they could run code)."""
+
+
 class DataNotFoundError(REPAError, FileNotFoundError):
     """A dataset folder or file does not exist or holds no usable data."""
 
@@ -90,7 +105,8 @@ class CacheMismatchError(CacheError, ValueError):
 
 
 class CorruptCacheError(CacheError, OSError):
-    """A feature-cache shard is missing or its checksum does not match the index."""
+    """A feature cache is damaged: a shard missing, a checksum or size that does not match its
+    record, non-finite targets, or a missing or unreadable ``index.json``."""
 
 
 class MissingDependencyError(REPAError, ImportError):

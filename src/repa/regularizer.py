@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,8 @@ from .errors import (
     ConfigError,
     GridMismatchError,
     InputRangeError,
+    NonFiniteInputError,
+    REPAError,
     ShapeMismatchError,
     StateDictError,
 )
@@ -35,7 +38,7 @@ from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
-from .schedules import Schedule, WeightLike, as_schedule, from_dict
+from .schedules import Schedule, WeightLike, as_schedule, from_dict, weight_at_step
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
@@ -154,7 +157,9 @@ class REPARegularizer(nn.Module):
         encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
         resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
             (resample projected model tokens to the encoder grid, as U-REPA does).
-        check_inputs: check the float image range each call (one host sync).
+        check_inputs: check each call that float images lie in ``input_range`` and are finite,
+            and that ``features=`` targets are finite (one host sync per call); ``False`` skips
+            these checks on the hot path.
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
             ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization),
@@ -350,7 +355,7 @@ class REPARegularizer(nn.Module):
 
     def weight_at(self, step: Optional[int] = None) -> float:
         """The alignment weight at ``step`` (default: the current step)."""
-        return float(self.weight_fn(self._step if step is None else int(step)))
+        return weight_at_step(self.weight_fn, self._step if step is None else int(step))
 
     # ------------------------------------------------------------------ capture lifecycle
     @contextlib.contextmanager
@@ -458,7 +463,7 @@ class REPARegularizer(nn.Module):
         """
         captures = self._take_captures()
         current = self._step if step is None else int(step)
-        weight = float(self.weight_fn(current))
+        weight = weight_at_step(self.weight_fn, current)
         self._step = current + 1
         self.step.fill_(self._step)
 
@@ -526,6 +531,7 @@ class REPARegularizer(nn.Module):
             )
         if isinstance(sel, slice):
             x = x[:, sel]  # (B, N_img, D)
+        _check_nonempty(x, f"the output of layer {layer!r}")
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
@@ -547,6 +553,7 @@ class REPARegularizer(nn.Module):
                 f"images must be a (B, C, H, W) tensor, got "
                 f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
             )
+        _check_nonempty(images, "images")
         if images.dtype == torch.uint8:
             return images.float() / 255.0
         if not images.is_floating_point():
@@ -554,6 +561,11 @@ class REPARegularizer(nn.Module):
         lo, hi = self.input_range
         if self.check_inputs:
             mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
+            if not (math.isfinite(mn) and math.isfinite(mx)):  # aminmax propagates NaN: no extra pass
+                raise NonFiniteInputError(
+                    f"images hold non-finite values (min {mn}, max {mx}); NaN or Inf pixels make the encoder's "
+                    "targets NaN: check the data pipeline (decoding, normalization) before reg(images)"
+                )
             tol = 1e-3 * (hi - lo)
             if mn < lo - tol or mx > hi + tol:
                 raise InputRangeError(
@@ -593,6 +605,8 @@ class REPARegularizer(nn.Module):
         if features is not None:
             raw = self._features_by_encoder(features)
             image_size = None
+            if self.check_inputs:
+                _check_finite_features(raw)
         else:
             x = self._normalize_images(images)
             image_size = tuple(x.shape[-2:])
@@ -612,6 +626,7 @@ class REPARegularizer(nn.Module):
                     f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
                 )
             y = y.detach()
+            _check_nonempty(y, f"targets of encoder {name!r}")
             if y.ndim == 4:
                 if y.shape[1] != dim:
                     raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
@@ -634,13 +649,13 @@ class REPARegularizer(nn.Module):
 
     def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
         msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
-        if isinstance(images, torch.Tensor):
-            msg += f" for {images.shape[-2]}x{images.shape[-1]} images"
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            msg += f" for {size[0]}x{size[1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
-            if hasattr(enc, "grid"):
-                fits = [r for r in range(8, 2049, 8) if as_grid(enc.grid(r)) == grid_m]
-                if fits:
-                    msg += f"; images of {fits[0]}x{fits[0]} would give the encoder a matching grid"
+            fit = _matching_image_size(enc, images, grid_e, grid_m)
+            if fit is not None:
+                msg += f"; images of {fit[0]}x{fit[1]} would give the encoder a matching grid"
         return msg + "; pass mismatch='interpolate' to resample the targets instead"
 
     # ------------------------------------------------------------------ save / load
@@ -675,39 +690,74 @@ class REPARegularizer(nn.Module):
 
         ``encoders`` defaults to the saved registry names; pass modules when the saved ones were
         custom. ``overrides`` replace saved constructor arguments (e.g. a callable ``weight=``).
+        The config is ``repa_config.json`` (or, when that file is missing, the copy in the
+        weights file's metadata).
+
+        Raises:
+            ConfigError: the saved config is not valid JSON, lacks fields or holds values of the
+                wrong type (the message names them).
+            StateDictError: the folder holds no saved regularizer, the weights file is damaged,
+                or its tensors are missing, extra, of another shape or not finite.
         """
         from safetensors.torch import load_file
 
         weights_path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.exists(weights_path):
+        if not os.path.isfile(weights_path):
             raise StateDictError(f"no {WEIGHTS_NAME} in {str(directory)!r}; save one with reg.save_pretrained(dir)")
-        with open(os.path.join(directory, CONFIG_NAME)) as fh:
-            config = json.load(fh)
-        kwargs: Dict[str, Any] = {
-            "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
-            "projector": config["projector"],
-            "projector_dim": config["projector_dim"],
-            "loss": config["loss"],
-            "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
-            "mismatch": config["mismatch"],
-            "input_range": tuple(config["input_range"]),
-            "hidden_dim": config["hidden_dims"],
-            "resample": config.get("resample"),
-            **config.get("options", {}),
-        }
+        config_path = os.path.join(directory, CONFIG_NAME)
+        config = _read_saved_config(config_path, weights_path)
+        try:
+            state = load_file(weights_path)
+        except Exception as exc:  # SafetensorError (bad header, truncated), OSError
+            raise StateDictError(
+                f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged: save the "
+                "regularizer again with reg.save_pretrained(dir)"
+            ) from exc
+        broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise StateDictError(f"{weights_path!r} holds NaN or infinite values in {broken}; the file is damaged")
+        try:
+            kwargs: Dict[str, Any] = {
+                "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
+                "projector": config["projector"],
+                "projector_dim": config["projector_dim"],
+                "loss": config["loss"],
+                "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
+                "mismatch": config["mismatch"],
+                "input_range": tuple(config["input_range"]),
+                "hidden_dim": config["hidden_dims"],
+                "resample": config.get("resample"),
+                **(config.get("options") or {}),
+            }
+        except REPAError:
+            raise
+        except (TypeError, ValueError) as exc:  # e.g. a schedule object with unknown fields
+            raise ConfigError(f"{config_path!r} holds an invalid setting ({exc}); save the regularizer again") from exc
         kwargs.update(overrides)
         for key in ("weight", "projector", "loss"):
             if kwargs.get(key) is None:
                 raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
         if encoders is None:
             encoders = dict(zip(config["encoders"], config["encoders"]))
-        reg = cls(model, config["layers"], encoders, **kwargs)
-        if reg.encoder_dims != config["encoder_dims"]:
-            raise StateDictError(
-                f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
-                f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
-            )
-        reg.load_state_dict(load_file(weights_path))
+        try:
+            reg = cls(model, config["layers"], encoders, **kwargs)
+        except REPAError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:  # a value of the right type that the pieces reject
+            raise ConfigError(
+                f"the settings in {config_path!r} (with overrides {sorted(overrides)}) cannot build a regularizer "
+                f"({type(exc).__name__}: {exc}); save it again with reg.save_pretrained(dir)"
+            ) from exc
+        try:  # on failure, leave the model without this regularizer's hooks
+            if reg.encoder_dims != config["encoder_dims"]:
+                raise StateDictError(
+                    f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
+                    f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
+                )
+            reg.load_state_dict(state)
+        except BaseException:
+            reg.remove()
+            raise
         return reg
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
@@ -720,6 +770,17 @@ class REPARegularizer(nn.Module):
                     f"state dict does not match this regularizer: missing keys {missing}, unexpected keys "
                     f"{unexpected}; was it saved with the same layers, encoders and projector?"
                 )
+        own_state = self.state_dict()
+        reshaped = [
+            f"{k}: saved {tuple(v.shape)}, here {tuple(own_state[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own_state and isinstance(v, torch.Tensor) and v.shape != own_state[k].shape
+        ]
+        if reshaped:
+            raise StateDictError(
+                f"state dict tensors have other shapes than this regularizer's: {reshaped}; was it saved with the "
+                "same layers, encoders, projector and projector_dim?"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
@@ -727,6 +788,78 @@ class REPARegularizer(nn.Module):
             f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
+
+
+def _check_nonempty(x: torch.Tensor, what: str) -> None:
+    """An empty batch (or zero tokens) has no alignment loss to compute: say so instead of a NaN mean."""
+    if x.ndim >= 2 and (x.shape[0] == 0 or x.shape[1] == 0):
+        raise ShapeMismatchError(
+            f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
+            "with at least one item"
+        )
+
+
+def _check_finite_features(features: Dict[str, Any]) -> None:
+    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
+
+    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
+    one pass without the boolean tensor ``isfinite`` would allocate.
+    """
+    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
+    if not tensors:
+        return
+    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
+    if len({e.device for e in extremes}) == 1:
+        values = torch.stack(extremes).tolist()  # a single host sync
+    else:
+        values = [e.tolist() for e in extremes]
+    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
+    if bad:
+        t = tensors[bad[0]].detach().float()
+        raise NonFiniteInputError(
+            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
+            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
+            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
+            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
+        )
+
+
+def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_m: Grid) -> Optional[Grid]:
+    """An image size (H, W) for which ``encoder`` returns the grid ``grid_m``, or None if none is found.
+
+    The encoder's stride is derived from the batch it was given (``H / h_e``, ``W / w_e``), so
+    the estimate ``grid_m * stride`` works for any encoder whose grid follows the image size,
+    a user's own module included. The estimate is checked with the encoder's ``grid()`` method
+    where it has one, else with one forward of a blank (1, C, H, W) image; encoders that resize
+    their input (DINOv2: 256 -> 224 px) are also searched over square sizes through ``grid()``.
+    """
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    has_grid = callable(getattr(encoder, "grid", None))
+
+    def grid_at(hw: Grid) -> Optional[Grid]:
+        try:
+            if has_grid:
+                return as_grid(encoder.grid(hw))
+            param = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
+            blank = torch.zeros(1, images.shape[1], *hw, device=images.device,  # (1, C, H, W)
+                                dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+            with torch.no_grad():
+                out = encoder(blank)
+            if out.ndim == 4:  # (1, D, h, w)
+                return (int(out.shape[-2]), int(out.shape[-1]))
+            return infer_grid(int(out.shape[1]))  # (1, N, D): square grids only
+        except Exception:  # a size the encoder cannot take: no suggestion from it
+            return None
+
+    if grid_e[0] > 0 and grid_e[1] > 0:
+        estimate = tuple(int(round(g_m * s / g_e)) for g_m, s, g_e in zip(grid_m, size, grid_e))  # grid_m * stride
+        if 0 < min(estimate) and max(estimate) <= 8192 and grid_at(estimate) == tuple(grid_m):
+            return estimate  # type: ignore[return-value]
+    if has_grid and grid_m[0] == grid_m[1]:
+        for r in range(8, 2049, 8):
+            if grid_at((r, r)) == tuple(grid_m):
+                return (r, r)
+    return None
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -747,3 +880,90 @@ def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > low - 1
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+def _is_grids(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) in (2, 3) and all(_is_int(x, 1) for x in g)
+                                                     for g in v.values()))  # (h, w), or (t, h, w) for video
+
+
+#: Fields of ``repa_config.json``: (check, what is expected); those of _OPTIONAL_FIELDS may be absent.
+_SAVED_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "layers": (_is_names, "a list of module names"),
+    "encoders": (_is_names, "a list of encoder names"),
+    "encoder_dims": (lambda v: isinstance(v, list) and all(_is_int(x, 1) for x in v), "a list of positive ints"),
+    "hidden_dims": (lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int"),
+    "weight": (lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"),
+    "projector": (lambda v: v is None or isinstance(v, str), "a projector name or null"),
+    "projector_dim": (lambda v: _is_int(v, 1), "a positive int"),
+    "loss": (lambda v: v is None or isinstance(v, str), "a loss name or null"),
+    "mismatch": (lambda v: isinstance(v, str), "'interpolate' or 'error'"),
+    "input_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
+}
+_OPTIONAL_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "grid": (_is_grids, "null or an object layer -> [h, w] or [t, h, w]"),
+    "resample": (lambda v: v is None or isinstance(v, str), "'target', 'model' or null"),
+    "options": (lambda v: v is None or isinstance(v, dict), "an object of options"),
+}
+
+
+def _read_saved_config(config_path: str, weights_path: str) -> Dict[str, Any]:
+    """The config :meth:`REPARegularizer.save_pretrained` wrote, checked field by field.
+
+    Raises:
+        ConfigError: not valid JSON, not an object, missing fields or values of the wrong type.
+        StateDictError: neither the JSON file nor the weights file's metadata holds a config.
+    """
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_path!r} ({type(exc).__name__}: {exc})") from exc
+        where = repr(config_path)
+    else:  # save_pretrained also stores the config in the safetensors metadata
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights_path, "pt") as fh:
+                text = (fh.metadata() or {}).get("repa_config")
+        except Exception as exc:  # SafetensorError
+            raise StateDictError(f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
+        if text is None:
+            raise StateDictError(
+                f"no {CONFIG_NAME} beside {weights_path!r} and no config in its metadata; save the regularizer "
+                "again with reg.save_pretrained(dir)"
+            )
+        where = f"the metadata of {weights_path!r}"
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where} is not valid JSON ({exc}); restore it (save_pretrained also stores it in the metadata of "
+            f"{WEIGHTS_NAME}: delete the damaged file to use that copy) or save the regularizer again"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} must hold a JSON object of settings, got {type(config).__name__}")
+    missing = [k for k in _SAVED_FIELDS if k not in config]
+    if missing:
+        raise ConfigError(f"{where} lacks the field(s) {missing}; save the regularizer again with reg.save_pretrained(dir)")
+    wrong = [
+        f"{key}={config[key]!r} (expected {what})"
+        for key, (ok, what) in {**_SAVED_FIELDS, **_OPTIONAL_FIELDS}.items()
+        if key in config and not ok(config[key])
+    ]
+    if wrong:
+        raise ConfigError(f"{where} holds values of the wrong type: {'; '.join(wrong)}; save the regularizer again")
+    return config

@@ -269,6 +269,10 @@ def encode_video_targets(reg: Any, videos: torch.Tensor) -> Dict[str, Tuple[torc
 def video_feature_targets(reg: Any, features: Any) -> Dict[str, Tuple[torch.Tensor, AnyGrid]]:
     """Precomputed per-latent-frame targets (B, T_lat, N_e, D_e) (e.g. from a video cache) as flat tokens."""
     raw = reg._features_by_encoder(features)
+    if reg.check_inputs:  # the regularizer's own check of precomputed targets (NaN/Inf name the encoder)
+        from .regularizer import _check_finite_features
+
+        _check_finite_features(raw)
     out: Dict[str, Tuple[torch.Tensor, AnyGrid]] = {}
     for name, dim in zip(reg.encoder_names, reg.encoder_dims):
         y = raw[name]
@@ -278,8 +282,6 @@ def video_feature_targets(reg: Any, features: Any) -> Dict[str, Tuple[torch.Tens
                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
             )
         y = y.detach().float()
-        if not bool(torch.isfinite(y).all()):
-            raise ShapeMismatchError(f"video targets of encoder {name!r} hold non-finite values; rebuild the cache")
         b, t, n, d = y.shape
         h, w = infer_grid(n, what=f"tokens per latent frame of encoder {name!r}")
         if reg.target_norm == "zscore":

@@ -87,6 +87,7 @@ class TrainConfig:
     vae: Optional[str] = None
     latent_scale: float = 0.18215
     num_workers: int = 0
+    verify_cache: bool = True  # a feature cache --data: sha256 of each shard before its first read
     # REPA
     repa: bool = True
     enc_type: str = "fmnist-vit"
@@ -123,6 +124,8 @@ class TrainConfig:
     sample_cfg: float = 1.0
     tensorboard: bool = False
     resume: Optional[str] = None
+    # start from an official REPA checkpoint (weights of the SiT, its EMA and the projectors)
+    init_from: Optional[str] = None
     # which recipe these settings came from (set by resolve_config; part of the default run name)
     config_name: str = "fmnist"
 
