@@ -1128,6 +1128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="image folders: skip (with a warning) files that cannot be decoded instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .video_cache import add_video_arguments  # --video: folders of clip frames (repa.video_cache)
+
+    add_video_arguments(parser)
 
 
 def _human(n: float) -> str:
@@ -1140,6 +1143,10 @@ def _human(n: float) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``repa cache`` (build) or ``repa cache verify DIR``; returns the exit status."""
+    from . import video_cache
+
+    if video_cache.handles(args):  # --video builds and video caches: repa.video_cache
+        return video_cache.main(args)
     if args.action == "verify":
         if not args.directory:
             raise ConfigError("usage: repa cache verify DIR")

@@ -71,7 +71,7 @@ class LinearProjector(nn.Linear):
 
 
 class ConvProjector(nn.Module):
-    """iREPA's projector: a k x k convolution over the (h, w) token grid, 'same' padding."""
+    """iREPA's projector: a k x k convolution over the (h, w) token grid, 'same' padding (per frame for (t, h, w))."""
 
     uses_grid = True
 
@@ -81,8 +81,11 @@ class ConvProjector(nn.Module):
             raise ConfigError(f"conv projector: kernel_size must be a positive odd int, got {kernel_size!r}")
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Tuple[int, ...]) -> torch.Tensor:
         b, n, d = x.shape
+        if len(grid) == 3:  # video tokens (t, h, w): the same 2D convolution on each latent frame
+            t = int(grid[0])
+            return self.forward(x.reshape(b * t, n // t, d), tuple(grid[1:])).reshape(b, n, -1)  # (B, N, D_e)
         fmap = x.transpose(1, 2).reshape(b, d, *grid)  # (B, D, h, w)
         return self.conv(fmap).flatten(2).transpose(1, 2)  # (B, N, D_e)
 

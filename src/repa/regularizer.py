@@ -34,11 +34,12 @@ from .errors import (
     ShapeMismatchError,
     StateDictError,
 )
-from .grid import Grid, as_grid, flatten_feature_map, infer_grid, resample_tokens
+from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
 from .schedules import Schedule, WeightLike, as_schedule, from_dict, weight_at_step
+from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
 
@@ -49,7 +50,7 @@ EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
 # keyword options of the pieces, accepted as constructor keywords
 _LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
-_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS]
+_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS, *VIDEO_OPTION_KEYS]
 
 
 class REPAOutput(NamedTuple):
@@ -143,10 +144,11 @@ class REPARegularizer(nn.Module):
         projector: ``"mlp"`` (REPA), ``"linear"``, ``"conv"`` (iREPA) or ``(in, out) -> nn.Module``.
         projector_dim: hidden width of the MLP projector (REPA: 2048).
         loss: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"``,
-            ``"relation"`` or ``(pred, target) -> scalar``.
+            ``"relation"``, ``"trd"`` (VideoREPA) or ``(pred, target) -> scalar``.
         tokens: which tokens of a hooked output are image tokens: ``None`` (all, or the model
             preset's choice), a slice, a callable on the raw output, or a dict layer -> one of these.
-        grid: the model's token grid ``(h, w)`` (or a dict layer -> grid); inferred when square.
+        grid: the model's token grid ``(h, w)``, or ``(t, h, w)`` for video tokens (or a dict
+            layer -> grid); inferred when square; video presets read it from each forward's input.
         mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
             raises :class:`~repa.errors.GridMismatchError`.
         input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
@@ -160,7 +162,9 @@ class REPARegularizer(nn.Module):
             these checks on the hot path.
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
-            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
+            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization),
+            ``margin``/``relation_chunk`` (trd), and for videos ``video_layout``,
+            ``temporal_compression``, ``frame_pooling``, ``frame_chunk`` (:class:`repa.video.VideoOptions`).
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class REPARegularizer(nn.Module):
             raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
         alpha = float(options.pop("alpha", 0.6))
         kernel_size = options.pop("kernel_size", None)
+        self.video = VideoOptions.pop_from(options)  # video_layout, temporal_compression, ... (repa.video)
         loss_options = {k: options.pop(k) for k in list(options)}
 
         base = unwrap_model(model)
@@ -243,7 +248,11 @@ class REPARegularizer(nn.Module):
         self._grids = {}
         for n in self.layer_names:
             g = _per_layer(grid, n, "grid", self.layer_names)
-            self._grids[n] = as_grid(g) if g is not None else None
+            self._grids[n] = as_token_grid(g) if g is not None else None
+        # video presets record each forward's (t, h, w) token grid from the model's input
+        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
+        if self._grid_tracker is not None:
+            self._grid_tracker.owner = self
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
@@ -265,7 +274,10 @@ class REPARegularizer(nn.Module):
             "resample": resample,
             "options": {
                 k: v
-                for k, v in {"target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options}.items()
+                for k, v in {
+                    "target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options,
+                    **self.video.to_dict(),
+                }.items()
                 if v is not None
             },
         }
@@ -364,6 +376,8 @@ class REPARegularizer(nn.Module):
         for selector in self._tokens.values():
             if callable(getattr(selector, "remove", None)):
                 selector.remove()
+        if self._grid_tracker is not None:
+            self._grid_tracker.remove()
         self._captures.clear()
 
     def __enter__(self) -> "REPARegularizer":
@@ -435,7 +449,8 @@ class REPARegularizer(nn.Module):
 
         Args:
             images: the CLEAN images of the batch, uint8 in [0, 255] or float in
-                ``input_range``, (B, C, H, W).
+                ``input_range``, (B, C, H, W); or clean videos (B, C, T, H, W) / (B, T, C, H, W)
+                for video models (see :mod:`repa.video`).
             features: precomputed encoder targets instead of ``images``: a tensor (one
                 encoder), a list (in encoder order) or a dict keyed by encoder name; each
                 (B, N_e, D_e) or (B, D_e, h, w).
@@ -502,6 +517,8 @@ class REPARegularizer(nn.Module):
                 f"layer {layer!r} returned {type(x).__name__}, not a tensor; pass tokens=<callable output -> tensor>"
             )
         grid = self._grids[layer]
+        if grid is None and self._grid_tracker is not None:
+            grid = self._grid_tracker.grid  # (t, h, w) of the forward that produced this capture
         if x.ndim == 4:  # (B, C, H, W) conv / U-Net features
             x, grid4 = flatten_feature_map(x)  # (B, H*W, C)
             if isinstance(sel, slice):
@@ -518,10 +535,10 @@ class REPARegularizer(nn.Module):
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
-        elif grid[0] * grid[1] != n:
+        elif grid_cells(grid) != n:
             raise ShapeMismatchError(
-                f"grid={grid} of layer {layer!r} has {grid[0] * grid[1]} cells but the layer gives {n} image tokens; "
-                "fix grid= or tokens="
+                f"grid={grid} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} image tokens; "
+                "fix grid= (video: (t, h, w) after patching) or tokens="
             )
         if x.shape[-1] != self.hidden_dims[layer]:
             raise ShapeMismatchError(
@@ -582,6 +599,8 @@ class REPARegularizer(nn.Module):
     def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
         if (images is None) == (features is None):
             raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
+        if is_video_call(images, features, self.encoder_dims):  # (B, C, T, H, W) clips: repa.video
+            return encode_video_targets(self, images) if features is None else video_feature_targets(self, features)
         out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
         if features is not None:
             raw = self._features_by_encoder(features)
@@ -629,7 +648,7 @@ class REPARegularizer(nn.Module):
         return out
 
     def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
-        msg = f"layer {layer!r} has a {grid_m[0]}x{grid_m[1]} token grid but encoder {enc_name!r} gives {grid_e[0]}x{grid_e[1]}"
+        msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             size = (int(images.shape[-2]), int(images.shape[-1]))
             msg += f" for {size[0]}x{size[1]} images"
@@ -876,8 +895,8 @@ def _is_names(v: Any) -> bool:
 
 
 def _is_grids(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) == 2 and all(_is_int(x, 1) for x in g)
-                                                     for g in v.values()))
+    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) in (2, 3) and all(_is_int(x, 1) for x in g)
+                                                     for g in v.values()))  # (h, w), or (t, h, w) for video
 
 
 #: Fields of ``repa_config.json``: (check, what is expected); those of _OPTIONAL_FIELDS may be absent.
@@ -894,7 +913,7 @@ _SAVED_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "input_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
 }
 _OPTIONAL_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "grid": (_is_grids, "null or an object layer -> [h, w]"),
+    "grid": (_is_grids, "null or an object layer -> [h, w] or [t, h, w]"),
     "resample": (lambda v: v is None or isinstance(v, str), "'target', 'model' or null"),
     "options": (lambda v: v is None or isinstance(v, dict), "an object of options"),
 }
