@@ -145,7 +145,7 @@ def test_repa_cache_video_command_line(tmp_path, capsys):
     assert len(CachedVideoFeatureDataset(out)) == 2
     code = cli_main(["cache", "--video", "--data", str(data), "--encoders", "dinov2-vit-s", "--out", str(tmp_path / "o2"),
                      "--resolution", "28"])
-    assert code == 1
+    assert code == 2  # a ConfigError: one line, status 2
     assert "for videos pass --frame-size H,W" in capsys.readouterr().err
 
 
