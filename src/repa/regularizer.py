@@ -104,6 +104,12 @@ def _encoder_dim(encoder: Any, name: str) -> int:
     return int(out.shape[-1] if out.ndim == 3 else out.shape[1])
 
 
+def _is_vae(encoder: Any) -> bool:
+    from .encoders.vae import is_autoencoder_kl
+
+    return is_autoencoder_kl(encoder)
+
+
 def _default_name(encoder: Any) -> str:
     name = getattr(encoder, "name", None)
     if isinstance(name, str) and name:
@@ -285,6 +291,11 @@ class REPARegularizer(HookedObjective):
             elif isinstance(enc, int) and not isinstance(enc, bool):
                 name = key or f"encoder{len(built)}"
                 enc = _FeatureOnlyEncoder(name, enc)
+            elif _is_vae(enc):  # a diffusers AutoencoderKL: its encoder's features (SRA^2)
+                from .encoders.vae import VAEEncoder
+
+                enc = VAEEncoder(enc)
+                name = key or enc.name
             elif callable(enc):
                 name = key or _default_name(enc)
             else:
