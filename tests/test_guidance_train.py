@@ -94,3 +94,25 @@ def test_vae_objective_on_a_tiny_latent_run(tmp_path, one_thread):
     assert len(log) == 3 and all(np.isfinite(r["loss_vae"]) and np.isfinite(r["loss_dispersive"]) for r in log)
     ckpt = load_checkpoint(result.checkpoint)
     assert "vae_projectors" in {k.split(".")[1] for k in ckpt["ema"]}  # the projector is averaged too
+
+
+
+def test_convergence_benchmark_runs_the_encoder_free_arms(tmp_path):
+    """The benchmark's Dispersive, SRA and REPA + Dispersive arms run (tiny mode: numbers mean nothing)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+    out = tmp_path / "out"
+    arms = ["vanilla", "dispersive", "sra", "repa-dispersive"]
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--tiny", "--seeds", "1", "--arms", ",".join(arms), "--out", str(out),
+         "--evaluator-dir", str(tmp_path / "ev"), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["summary"]["arms"]) == set(arms) and "| SRA |" in proc.stdout
+    assert all(r["final_loss_align"] is not None for r in result["runs"] if r["arm"] != "vanilla")

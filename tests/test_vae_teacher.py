@@ -74,3 +74,24 @@ def test_vae_teacher_combines_with_dispersive():
     out = combine(vae=reg(x, return_breakdown=True), dispersive=disp(return_breakdown=True))
     out.total.backward()
     assert set(out.logs()) >= {"vae/loss", "vae/weight", "dispersive/loss", "dispersive/weight"}
+
+
+def test_zero_weight_skips_the_vae_and_save_load_round_trips(tmp_path):
+    from repa.schedules import StopAt
+
+    vae = _tiny_vae()
+    calls = []
+    vae.encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    model = TinyDiT(depth=2)
+    reg = REPARegularizer(model, layers=0, encoders={"sd-vae": vae}, projector_dim=16, weight=StopAt(0.5, 1))
+    x = torch.rand(2, 3, 16, 16)
+    for _ in range(3):
+        model(x, torch.rand(2))
+        reg(x)
+    assert len(calls) == 1  # only the first step, while the weight was > 0
+    reg.save_pretrained(tmp_path / "reg")
+    reg.remove()
+    back = REPARegularizer.from_pretrained(tmp_path / "reg", model, encoders={"sd-vae": vae})
+    assert back.encoder_dims == [4] and back._step == 3
+    for k, v in reg.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
