@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__
 from .capture import CaptureHook, unwrap_model
 from .errors import CaptureError, StateDictError
-from .schedules import Schedule, WeightLike, as_schedule
+from .schedules import Schedule, WeightLike, as_schedule, weight_at_step
 
 __all__ = ["HookedObjective"]
 
@@ -81,7 +81,7 @@ class HookedObjective(nn.Module):
 
     def weight_at(self, step: Optional[int] = None) -> float:
         """The objective's weight at ``step`` (default: the current step)."""
-        return float(self.weight_fn(self._step if step is None else int(step)))
+        return weight_at_step(self.weight_fn, self._step if step is None else int(step))
 
     # ------------------------------------------------------------------ capture lifecycle
     @contextlib.contextmanager
@@ -154,7 +154,7 @@ class HookedObjective(nn.Module):
     def _advance(self, step: Optional[int] = None) -> float:
         """This call's weight; the counter moves on by one (from ``step`` when given)."""
         current = self._step if step is None else int(step)
-        weight = float(self.weight_fn(current))
+        weight = weight_at_step(self.weight_fn, current)  # a finite number >= 0, or a clear error
         self._step = current + 1
         self.step.fill_(self._step)
         return weight

@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -75,6 +77,9 @@ _DTYPE_ALIASES = {
 }
 INDEX_NAME = "index.json"
 PathLike = Union[str, "os.PathLike[str]"]
+#: What :class:`CachedFeatureDataset` checks before it yields a shard's items (``verify=``).
+VERIFY_MODES = ("sha256", "none")
+_log = logging.getLogger("repa")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +208,7 @@ class CacheBuildReport:
     num_shards: int
     built: List[int] = field(default_factory=list)
     skipped: List[int] = field(default_factory=list)
+    repaired: List[int] = field(default_factory=list)  # among ``built``: shards found damaged and rebuilt
     rank: int = 0
     world_size: int = 1
     seconds: float = 0.0
@@ -298,16 +304,55 @@ def _write_shard(out: Path, i: int, tensors: Dict[str, torch.Tensor], meta: Dict
     return size, digest
 
 
-def _finished(out: Path, i: int, fingerprint: str) -> bool:
-    """A shard is finished when its file and its record exist and agree (size, build fingerprint)."""
+def _shard_state(out: Path, i: int, fingerprint: str, *, checksum: bool = True) -> str:
+    """``"finished"``, ``"unfinished"`` (no file, no readable record) or ``"damaged"``.
+
+    A shard is finished when its file and its record exist and agree: build fingerprint, size
+    and (``checksum=True``) sha256. A file whose bytes differ from its own record was damaged
+    after it was written (bit rot, a bad copy, an edit) and is rebuilt, never kept.
+    """
     shard, record = out / _shard_name(i), out / _record_name(i)
     if not shard.is_file() or not record.is_file():
-        return False
+        return "unfinished"
     try:
         rec = json.loads(record.read_text())
     except (OSError, ValueError):
-        return False
-    return rec.get("fingerprint") == fingerprint and rec.get("bytes") == shard.stat().st_size
+        return "unfinished"
+    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint:
+        return "unfinished"
+    if rec.get("bytes") != shard.stat().st_size:
+        return "damaged"
+    if checksum and rec.get("sha256") != _sha256_file(shard):
+        return "damaged"
+    return "finished"
+
+
+def _finished(out: Path, i: int, fingerprint: str, *, checksum: bool = True) -> bool:
+    """True when shard ``i`` needs no (re)build; see :func:`_shard_state`."""
+    return _shard_state(out, i, fingerprint, checksum=checksum) == "finished"
+
+
+def _existing_fingerprint(out: Path) -> Optional[Tuple[str, str]]:
+    """(fingerprint, command) of the cache already in ``out``, or None for an empty folder.
+
+    Read from ``index.json``; when the index is missing or unreadable (an interrupted build, a
+    truncated file) from the per-shard records, which hold the same fingerprint and command, so
+    a damaged index neither blocks the rebuild nor lets other settings overwrite the shards.
+    """
+    try:
+        index = json.loads((out / INDEX_NAME).read_text())
+        if isinstance(index, dict) and index.get("fingerprint"):
+            return str(index["fingerprint"]), str(index.get("command", "?"))
+    except (OSError, ValueError):
+        pass
+    for record in sorted(out.glob("shard-*.json")) if out.is_dir() else []:
+        try:
+            rec = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged record: that shard counts as unfinished and is rebuilt
+        if isinstance(rec, dict) and rec.get("fingerprint"):
+            return str(rec["fingerprint"]), str(rec.get("command", "?"))
+    return None
 
 
 def build_cache(
@@ -442,24 +487,26 @@ def build_cache(
     dist_info = init_distributed(device)
     report = CacheBuildReport(out=out, count=count, num_shards=num_shards, rank=dist_info.rank, world_size=dist_info.world_size)
     try:
-        index_file = out / INDEX_NAME
-        if index_file.is_file():  # every rank checks, so all stop together on a mismatch
-            try:
-                old = json.loads(index_file.read_text())
-            except ValueError:
-                old = {}
-            if old.get("fingerprint") != fingerprint:
-                raise CacheMismatchError(
-                    f"{str(out)!r} already holds a feature cache built with other settings ({old.get('command', '?')}); "
-                    f"this run asks for: {command}. Choose another --out, or delete the folder to rebuild it"
-                )
+        existing = _existing_fingerprint(out)  # every rank checks, so all stop together on a mismatch
+        if existing is not None and existing[0] != fingerprint:
+            raise CacheMismatchError(
+                f"{str(out)!r} already holds a feature cache built with other settings ({existing[1]}); "
+                f"this run asks for: {command}. Choose another --out, or delete the folder to rebuild it"
+            )
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         barrier(dist_info)
 
         mine = list(range(dist_info.rank, num_shards, dist_info.world_size))
-        pending = [i for i in mine if not _finished(out, i, fingerprint)]
+        states = {i: _shard_state(out, i, fingerprint) for i in mine}  # hashes every finished shard
+        pending = [i for i in mine if states[i] != "finished"]
         report.skipped = [i for i in mine if i not in pending]
+        report.repaired = [i for i in mine if states[i] == "damaged"]
+        for i in report.repaired:
+            _log.warning(
+                "repa cache: %s does not match its record %s (size or sha256): it was damaged after it was "
+                "written; rebuilding it", out / _shard_name(i), _record_name(i),
+            )
         if progress and dist_info.is_main:
             per_image = sum(bytes_per_image(n, res, dtype_name) for n in canonical)
             print(
@@ -564,7 +611,9 @@ def _build_shards(
                         f"encoder {rec['name']!r} returned tokens {tuple(tokens.shape[1:])} for {res}px images, but its "
                         f"spec promises {tuple(rec['shape'])}; check the encoder's registration"
                     )
-                parts.setdefault(rec["key"], []).append(tokens.to(storage).cpu())  # (B, N, D)
+                stored = tokens.to(storage)  # (B, N, D)
+                _check_finite_targets(stored, tokens, rec["name"], shard)
+                parts.setdefault(rec["key"], []).append(stored.cpu())  # (B, N, D)
             if settings["store_images"]:
                 parts.setdefault("image", []).append(images.cpu())  # (B, C, H, W)
             if vae_model is not None:
@@ -579,6 +628,21 @@ def _build_shards(
             _flush(out, current, parts, count, S, enc_records, fingerprint, command)
     finally:
         bar.close()
+
+
+def _check_finite_targets(stored: torch.Tensor, tokens: torch.Tensor, name: str, shard: int) -> None:
+    """Never write NaN/Inf targets: a training run would read them as NaN losses."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    finite_before = bool(torch.isfinite(tokens).all())
+    hint = (
+        "the values overflow the storage dtype: build with --dtype bf16 or --dtype fp32"
+        if finite_before
+        else "the encoder itself returned them: check its weights (and --compute-dtype)"
+    )
+    from .errors import CacheError
+
+    raise CacheError(f"encoder {name!r} gave non-finite targets for images of shard {shard}; nothing was written for it; {hint}")
 
 
 def _flush(
@@ -632,7 +696,7 @@ def _write_index(
     shards, labels = [], []
     for i in range(num_shards):
         path = out / _record_name(i)
-        if not _finished(out, i, fingerprint):
+        if not _finished(out, i, fingerprint, checksum=False):  # hashed by the rank that wrote or kept it
             raise CorruptCacheError(
                 f"shard {str(out / _shard_name(i))!r} was not written (a process failed?); run the same command "
                 f"again to build the missing shards: {command}"
@@ -682,30 +746,67 @@ def _write_index(
 # --------------------------------------------------------------------------------------------
 
 
+_INDEX_KEYS = ("fingerprint", "command", "count", "resolution", "dtype", "encoders", "labels", "shards")
+
+
+def _shard_files(root: Path) -> List[Path]:
+    """The shard files and shard records ``repa cache`` writes into a folder."""
+    if not root.is_dir():
+        return []
+    return sorted(root.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")) + sorted(
+        root.glob("shard-[0-9][0-9][0-9][0-9][0-9].safetensors")
+    )
+
+
 def is_feature_cache(path: PathLike) -> bool:
-    """True if ``path`` is a folder written by ``repa cache`` (it has an ``index.json`` of this format)."""
-    index_file = Path(os.path.expanduser(str(path))) / INDEX_NAME
-    if not index_file.is_file():
-        return False
-    try:
-        return json.loads(index_file.read_text()).get("format") == CACHE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True if ``path`` is a folder written by ``repa cache``, intact or not.
+
+    An ``index.json`` of this format makes a cache; so do shard files or records beside a
+    missing, truncated or unreadable index (an interrupted or damaged cache), so that
+    ``repa train --data`` reports it as a damaged cache, with the command that repairs it,
+    instead of treating the folder as something else.
+    """
+    root = Path(os.path.expanduser(str(path)))
+    index_file = root / INDEX_NAME
+    if index_file.is_file():
+        try:
+            text = index_file.read_text()
+        except (OSError, UnicodeDecodeError):
+            return bool(_shard_files(root))
+        try:
+            index = json.loads(text)
+        except ValueError:  # truncated: our format string is near the top, or the shards tell
+            return f'"{CACHE_FORMAT}"' in text or bool(_shard_files(root))
+        return (isinstance(index, dict) and index.get("format") == CACHE_FORMAT) or bool(_shard_files(root))
+    return bool(_shard_files(root))
+
+
+def _command_from_records(root: Path) -> str:
+    """The build command stored in the shard records (what repairs a missing or damaged index)."""
+    for record in sorted(root.glob("shard-*.json")) if root.is_dir() else []:
+        try:
+            command = json.loads(record.read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if command:  # the folder may have been moved since: point --out at it
+            return re.sub(r"--out ('[^']*'|\S+)", lambda m: f"--out {shlex.quote(str(root))}", str(command), count=1)
+    return "the same `repa cache` command that built it"
 
 
 def load_index(root: PathLike) -> Dict[str, Any]:
-    """The parsed ``index.json`` of a cache folder, with clear errors for a missing or unfinished cache."""
+    """The parsed ``index.json`` of a cache folder, with clear errors for a missing, unfinished or damaged cache.
+
+    A missing, truncated or incomplete index raises :class:`~repa.errors.CorruptCacheError`
+    naming the command that repairs it: re-running the build rewrites the index from the
+    per-shard records and keeps every intact shard.
+    """
     root = Path(os.path.expanduser(str(root)))
     index_file = root / INDEX_NAME
     if not index_file.is_file():
-        records = sorted(root.glob("shard-*.json")) if root.is_dir() else []
-        if records:
-            try:
-                command = json.loads(records[0].read_text()).get("command", "the same `repa cache` command")
-            except (OSError, ValueError):
-                command = "the same `repa cache` command"
+        if _shard_files(root):
             raise CorruptCacheError(
-                f"the feature cache {str(root)!r} has no {INDEX_NAME}: its build did not finish; finish it with: {command}"
+                f"the feature cache {str(root)!r} has no {INDEX_NAME}: its build did not finish or the index was "
+                f"deleted; finish or repair it with: {_command_from_records(root)}"
             )
         raise DataNotFoundError(
             f"{str(root)!r} is not a feature cache (no {INDEX_NAME}); build one with "
@@ -713,14 +814,20 @@ def load_index(root: PathLike) -> Dict[str, Any]:
         )
     try:
         index = json.loads(index_file.read_text())
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCacheError(
-            f"{str(index_file)!r} is not valid JSON ({exc}); rebuild the index by running the cache's "
-            "`repa cache` command again (finished shards are kept)"
+            f"{str(index_file)!r} is damaged (not valid JSON: {exc}); repair it by running the cache's build command "
+            f"again, which rewrites the index from the shard records and keeps intact shards: {_command_from_records(root)}"
         ) from exc
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         found = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise CacheMismatchError(f"{str(index_file)!r} has format {found!r}, expected {CACHE_FORMAT!r}")
+    missing = [k for k in _INDEX_KEYS if k not in index]
+    if missing:
+        raise CorruptCacheError(
+            f"{str(index_file)!r} is damaged (no {missing}); repair it by running the cache's build command again: "
+            f"{index.get('command') or _command_from_records(root)}"
+        )
     return index
 
 
@@ -799,6 +906,32 @@ def verify_cache(root: PathLike, *, checksums: bool = True) -> List[str]:
     return problems
 
 
+def _verify_mode(verify: Union[str, bool]) -> str:
+    """``verify=`` of :class:`CachedFeatureDataset` as one of :data:`VERIFY_MODES` (bools accepted)."""
+    if isinstance(verify, bool):
+        return "sha256" if verify else "none"
+    if isinstance(verify, str) and verify.strip().lower() in VERIFY_MODES:
+        return verify.strip().lower()
+    raise ConfigError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
+
+
+def _check_finite_item(item: Mapping[str, Any], shard: Path, index: int, command: str) -> None:
+    """Stop on NaN/Inf targets or moments as they are read: a damaged shard would train to NaN.
+
+    One fused min/max reduction per tensor (NaN propagates through min and max, Inf shows in
+    them), several times cheaper than ``isfinite(t).all()`` on CPU; cost in benchmarks/RESULTS.md.
+    """
+    tensors = [("features of " + repr(name), t) for name, t in item["features"].items()]
+    if "moments" in item:
+        tensors.append(("latent moments", item["moments"]))
+    for what, t in tensors:
+        if t.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(t)).tolist()):
+            raise CorruptCacheError(
+                f"cache shard {str(shard)!r}: item {index} holds non-finite {what} (NaN or Inf); the shard is damaged: "
+                f"`repa cache verify {str(shard.parent)}` names every bad shard, and re-running `{command}` rebuilds them"
+            )
+
+
 class CachedFeatureDataset(Dataset):
     """A feature cache as a map-style dataset: what one training step needs, no encoder, no image folder.
 
@@ -809,7 +942,12 @@ class CachedFeatureDataset(Dataset):
             :class:`~repa.errors.CacheMismatchError`.
         dtype: the storage dtype the run expects (``"fp16"``, ``torch.float16``, ...), checked.
         resolution: the image size the run expects, checked.
-        verify: hash each shard (sha256) the first time it is opened.
+        verify: ``"sha256"`` (default) hashes each shard and compares it with the index before
+            its first item is read, once per shard for this dataset object (its DataLoader
+            workers share the result); ``"none"`` skips the hash, for a cache already checked
+            with ``repa cache verify`` (``True``/``False`` mean the same). Either way every
+            item's targets (and latent moments) are checked finite as they are read, and sizes,
+            shapes and the build fingerprint are checked when a shard is opened.
         load_images: yield ``"image"`` (default: when stored). Latent training needs only
             ``"moments"``; pass ``False`` to skip reading pixels.
 
@@ -834,7 +972,7 @@ class CachedFeatureDataset(Dataset):
         dtype: Union[str, torch.dtype, None] = None,
         resolution: Optional[int] = None,
         *,
-        verify: bool = False,
+        verify: Union[str, bool] = "sha256",
         load_images: Optional[bool] = None,
     ) -> None:
         self.root = Path(os.path.expanduser(str(root)))
@@ -892,8 +1030,11 @@ class CachedFeatureDataset(Dataset):
             )
         self.load_images = stores_images if load_images is None else bool(load_images)
         self.has_moments = bool(index.get("moments"))
-        self.verify = verify
+        self.verify: str = _verify_mode(verify)
         self._handles: Dict[int, Any] = {}
+        # shards already hashed, shared with DataLoader workers (fork or spawn) so that each
+        # shard is hashed once per dataset, not once per worker and epoch
+        self._verified = torch.zeros(len(index["shards"]), dtype=torch.bool).share_memory_()  # (num_shards,)
 
     def __len__(self) -> int:
         return self.count
@@ -901,7 +1042,10 @@ class CachedFeatureDataset(Dataset):
     def _handle(self, shard: int) -> Any:
         handle = self._handles.get(shard)
         if handle is None:
-            handle = _open_shard(self.root, self.index, shard, checksum=self.verify)
+            checksum = self.verify == "sha256" and not bool(self._verified[shard])
+            handle = _open_shard(self.root, self.index, shard, checksum=checksum)
+            if checksum:
+                self._verified[shard] = True
             self._handles[shard] = handle
         return handle
 
@@ -919,6 +1063,7 @@ class CachedFeatureDataset(Dataset):
             item["moments"] = f.get_slice("moments")[j : j + 1][0]  # (2c, h, w) float32
         item["y"] = torch.tensor(int(self.labels[index]), dtype=torch.long)
         item["features"] = {name: f.get_slice(key)[j : j + 1][0] for name, key in self._keys}  # (N, D) each
+        _check_finite_item(item, self.root / self.index["shards"][shard]["file"], index, self.index["command"])
         return item
 
     def data_info(self) -> Any:
@@ -1015,7 +1160,8 @@ def main(args: argparse.Namespace) -> int:
     if report.rank == 0:
         print(
             f"repa cache: {report.count} items in {report.num_shards} shard(s) at {report.out} "
-            f"(built {len(report.built)}, kept {len(report.skipped)} on rank 0); check with `repa cache verify {report.out}`",
+            f"(built {len(report.built)}, of which {len(report.repaired)} damaged and rebuilt, kept {len(report.skipped)} "
+            f"on rank 0); check with `repa cache verify {report.out}`",
             file=sys.stderr,
         )
     return 0

@@ -15,6 +15,7 @@ __all__ = [
     "LayerNotFoundError",
     "HiddenDimError",
     "InputRangeError",
+    "NonFiniteInputError",
     "ShapeMismatchError",
     "GridMismatchError",
     "CaptureError",
@@ -51,6 +52,10 @@ class HiddenDimError(ConfigError):
 
 class InputRangeError(ConfigError):
     """Images are outside the declared ``input_range``."""
+
+
+class NonFiniteInputError(InputRangeError):
+    """Images or precomputed encoder targets passed to the regularizer hold NaN or Inf."""
 
 
 class ShapeMismatchError(ConfigError):
@@ -90,7 +95,8 @@ class CacheMismatchError(CacheError, ValueError):
 
 
 class CorruptCacheError(CacheError, OSError):
-    """A feature-cache shard is missing or its checksum does not match the index."""
+    """A feature cache is damaged: a shard missing, a checksum or size that does not match its
+    record, non-finite targets, or a missing or unreadable ``index.json``."""
 
 
 class MissingDependencyError(REPAError, ImportError):

@@ -63,6 +63,12 @@ PROJECTORS = {"mlp": MLPProjector, "linear": LinearProjector, "conv": ConvProjec
 ProjectorLike = Union[str, Callable[[int, int], nn.Module]]
 
 
+def _check_projector_dim(projector_dim: Any) -> None:
+    """``projector_dim`` is a width: a positive int (REPA: 2048)."""
+    if isinstance(projector_dim, bool) or not isinstance(projector_dim, int) or projector_dim <= 0:
+        raise ConfigError(f"projector_dim must be a positive int (REPA: 2048), got {projector_dim!r}")
+
+
 def build_projector(
     kind: ProjectorLike,
     in_dim: int,
@@ -72,6 +78,7 @@ def build_projector(
     kernel_size: Optional[int] = None,
 ) -> nn.Module:
     """Build one projector from a name or a factory ``(in_dim, out_dim) -> nn.Module``."""
+    _check_projector_dim(projector_dim)
     if callable(kind) and not isinstance(kind, str):
         module = kind(in_dim, out_dim)
         if not isinstance(module, nn.Module):

@@ -14,6 +14,7 @@ clean images (B, N_e, D_e), resampled to the model's grid when they differ -> me
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -27,6 +28,7 @@ from .errors import (
     ConfigError,
     GridMismatchError,
     InputRangeError,
+    NonFiniteInputError,
     ShapeMismatchError,
     StateDictError,
 )
@@ -157,7 +159,9 @@ class REPARegularizer(HookedObjective):
         encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
         resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
             (resample projected model tokens to the encoder grid, as U-REPA does).
-        check_inputs: check the float image range each call (one host sync).
+        check_inputs: check each call that float images lie in ``input_range`` and are finite,
+            and that ``features=`` targets are finite (one host sync per call); ``False`` skips
+            these checks on the hot path.
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
             ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
@@ -436,6 +440,7 @@ class REPARegularizer(HookedObjective):
             )
         if isinstance(sel, slice):
             x = x[:, sel]  # (B, N_img, D)
+        _check_nonempty(x, f"the output of layer {layer!r}")
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
@@ -457,6 +462,7 @@ class REPARegularizer(HookedObjective):
                 f"images must be a (B, C, H, W) tensor, got "
                 f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
             )
+        _check_nonempty(images, "images")
         if images.dtype == torch.uint8:
             return images.float() / 255.0
         if not images.is_floating_point():
@@ -464,6 +470,11 @@ class REPARegularizer(HookedObjective):
         lo, hi = self.input_range
         if self.check_inputs:
             mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
+            if not (math.isfinite(mn) and math.isfinite(mx)):  # aminmax propagates NaN: no extra pass
+                raise NonFiniteInputError(
+                    f"images hold non-finite values (min {mn}, max {mx}); NaN or Inf pixels make the encoder's "
+                    "targets NaN: check the data pipeline (decoding, normalization) before reg(images)"
+                )
             tol = 1e-3 * (hi - lo)
             if mn < lo - tol or mx > hi + tol:
                 raise InputRangeError(
@@ -501,6 +512,8 @@ class REPARegularizer(HookedObjective):
         if features is not None:
             raw = self._features_by_encoder(features)
             image_size = None
+            if self.check_inputs:
+                _check_finite_features(raw)
         else:
             x = self._normalize_images(images)
             image_size = tuple(x.shape[-2:])
@@ -520,6 +533,7 @@ class REPARegularizer(HookedObjective):
                     f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
                 )
             y = y.detach()
+            _check_nonempty(y, f"targets of encoder {name!r}")
             if y.ndim == 4:
                 if y.shape[1] != dim:
                     raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
@@ -604,3 +618,38 @@ class REPARegularizer(HookedObjective):
             f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
+
+
+def _check_nonempty(x: torch.Tensor, what: str) -> None:
+    """An empty batch (or zero tokens) has no alignment loss to compute: say so instead of a NaN mean."""
+    if x.ndim >= 2 and (x.shape[0] == 0 or x.shape[1] == 0):
+        raise ShapeMismatchError(
+            f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
+            "with at least one item"
+        )
+
+
+def _check_finite_features(features: Dict[str, Any]) -> None:
+    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
+
+    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
+    one pass without the boolean tensor ``isfinite`` would allocate.
+    """
+    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
+    if not tensors:
+        return
+    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
+    if len({e.device for e in extremes}) == 1:
+        values = torch.stack(extremes).tolist()  # a single host sync
+    else:
+        values = [e.tolist() for e in extremes]
+    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
+    if bad:
+        t = tensors[bad[0]].detach().float()
+        raise NonFiniteInputError(
+            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
+            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
+            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
+            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
+        )
+

@@ -30,6 +30,7 @@ __all__ = [
     "warmup",
     "from_dict",
     "as_schedule",
+    "weight_at_step",
 ]
 
 
@@ -165,3 +166,24 @@ def as_schedule(weight: WeightLike) -> Callable[[int], float]:
     if callable(weight):
         return weight
     raise ConfigError(f"weight must be a number, a schedule or a callable step -> float, got {weight!r}")
+
+
+def weight_at_step(schedule: Callable[[int], Any], step: int) -> float:
+    """Evaluate ``schedule(step)`` and check the result: a finite number >= 0.
+
+    Built-in schedules validate their parameters up front, but a user's callable can return
+    anything; a NaN or negative weight would silently turn the alignment term into NaN or a
+    reward for misalignment, so it stops here with the step and the value.
+    """
+    try:
+        value = float(schedule(step))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"the weight schedule {schedule!r} returned a non-number at step {step} ({exc}); it must return a float >= 0"
+        ) from exc
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"the weight schedule {schedule!r} returned {value!r} at step {step}; a weight must be a finite number "
+            ">= 0 (return 0.0 to switch the alignment term off)"
+        )
+    return value

@@ -91,6 +91,7 @@ class TrainConfig:
     vae: Optional[str] = None
     latent_scale: float = 0.18215
     num_workers: int = 0
+    verify_cache: bool = True  # a feature cache --data: sha256 of each shard before its first read
     # REPA
     repa: bool = True
     enc_type: str = "fmnist-vit"

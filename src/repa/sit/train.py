@@ -128,6 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--resolution", "center-crop size for image folders", type=int)
     add(g, "--vae", "SD-VAE (diffusers AutoencoderKL folder or cached hub id) to encode image folders on the fly")
     add(g, "--num-workers", "DataLoader worker processes per rank", type=int)
+    add(
+        g,
+        "--no-verify-cache",
+        "a feature cache --data: skip the sha256 of each shard before its first read (for a cache already checked "
+        "with `repa cache verify`); targets are still checked finite as they are read",
+        dest="verify_cache",
+        action="store_false",
+    )
 
     g = parser.add_argument_group("REPA")
     add(g, "--no-repa", "train the baseline without the alignment term", dest="repa", action="store_false")
@@ -324,7 +332,9 @@ def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset,
             "computed when the cache was built (see its index.json); drop --enc-weights, or build a cache with "
             "`repa cache --weights NAME=FILE ...`"
         )
-    dataset = CachedFeatureDataset(cfg.data, encoders=names, resolution=cfg.resolution)
+    dataset = CachedFeatureDataset(
+        cfg.data, encoders=names, resolution=cfg.resolution, verify="sha256" if cfg.verify_cache else "none"
+    )
     info = dataset.data_info()
     if info.kind == "pixels" and not dataset.load_images:
         raise CacheMismatchError(
