@@ -116,3 +116,16 @@ def test_convergence_benchmark_runs_the_encoder_free_arms(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert set(result["summary"]["arms"]) == set(arms) and "| SRA |" in proc.stdout
     assert all(r["final_loss_align"] is not None for r in result["runs"] if r["arm"] != "vanilla")
+
+
+def test_objective_cost_benchmark_times_every_arm():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "objective_cost.py"
+    proc = subprocess.run([sys.executable, str(bench), "--rounds", "1", "--steps-per-round", "1", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for arm in ("vanilla", "repa", "dispersive", "sra", "repa-dispersive"):
+        assert f"| {arm} |" in proc.stdout
