@@ -36,6 +36,7 @@ HOOKED = {
     "diffusers_sd3.py": ["transformer_blocks.1"],
     "diffusers_flux.py": ["transformer_blocks.1"],
     "diffusers_unet.py": ["mid_block"],
+    "diffusers_wan.py": ["blocks.1"],
     "accelerate_ddp.py": ["blocks.3"],
     "fsdp.py": ["blocks.3"],
 }
@@ -105,7 +106,7 @@ for script in sys.argv[1:]:
 
 
 def test_examples_without_tiny_ask_for_the_encoder_weights(tmp_path):
-    """Each script's own ``__main__`` runs (one interpreter for all eight, to share the imports)."""
+    """Each script's own ``__main__`` runs (one interpreter for all of them, to share the imports)."""
     scripts = [str(EXAMPLES / name) for name in sorted(HOOKED)]
     result = subprocess.run(
         [sys.executable, "-c", _RUN_ALL_WITHOUT_TINY, *scripts],

@@ -11,7 +11,7 @@ import torch
 from repa.cli import main as repa_main
 from repa.errors import CheckpointError, ConfigError
 from repa.sit.checkpoint import latest_checkpoint, load_checkpoint
-from repa.sit.images import make_grid, to_hwc3, to_uint8
+from repa.sit.images import PIXEL_ROUNDINGS, make_grid, to_hwc3, to_uint8
 from repa.sit.sample import CLASS_MODES, PRECISIONS, WEIGHT_CHOICES, add_arguments, load_sampling_model, sample_labels
 from repa.sit.sampling import METHODS
 from repa.sit.train import train
@@ -88,8 +88,10 @@ def test_every_sample_choice_resolves(checkpoint, tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with_choices = {a.dest: a.choices for a in parser._actions if a.choices}
-    assert set(with_choices) == {"mode", "solver", "classes", "weights", "mixed_precision"}
+    # path_type applies to official checkpoints only: tests/test_official_checkpoints.py runs it
+    assert set(with_choices) == {"mode", "solver", "classes", "weights", "mixed_precision", "pixels", "path_type"}
     assert set(with_choices["mode"]) == set(METHODS) and set(with_choices["classes"]) == set(CLASS_MODES)
+    assert set(with_choices["pixels"]) == set(PIXEL_ROUNDINGS)
     ckpt = load_checkpoint(checkpoint)
     for w in with_choices["weights"]:  # ema -> the EMA shadow, model -> the raw weights
         model = load_sampling_model(ckpt, w)
@@ -106,6 +108,12 @@ def test_every_sample_choice_resolves(checkpoint, tmp_path):
         arr = _sample(checkpoint, tmp_path / f"{mode}-{solver}-{precision}", "--num-samples", "2", "--mode", mode,
                       "--solver", solver, "--steps", "2", "--mixed-precision", precision, "--classes", "random")
         assert arr.shape == (2, SIZE, SIZE, 3)
+    # the two pixel conversions of the same draw: rounding is truncation or one level above it
+    trunc = _sample(checkpoint, tmp_path / "trunc", "--num-samples", "2", "--mode", "ode", "--steps", "2")
+    rounded = _sample(checkpoint, tmp_path / "round", "--num-samples", "2", "--mode", "ode", "--steps", "2",
+                      "--pixels", "round")
+    diff = rounded.astype(int) - trunc.astype(int)
+    assert set(np.unique(diff).tolist()) <= {0, 1} and diff.any()
 
 
 def test_sample_errors_name_the_fix(checkpoint, tmp_path):

@@ -1121,6 +1121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-checksums", dest="checksums", action="store_false",
                         help="verify: skip the sha256 of each shard (sizes, shapes and metadata only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .video_cache import add_video_arguments  # --video: folders of clip frames (repa.video_cache)
+
+    add_video_arguments(parser)
 
 
 def _human(n: float) -> str:
@@ -1133,6 +1136,10 @@ def _human(n: float) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``repa cache`` (build) or ``repa cache verify DIR``; returns the exit status."""
+    from . import video_cache
+
+    if video_cache.handles(args):  # --video builds and video caches: repa.video_cache
+        return video_cache.main(args)
     if args.action == "verify":
         if not args.directory:
             raise ConfigError("usage: repa cache verify DIR")

@@ -22,6 +22,8 @@ __all__ = [
     "StateDictError",
     "WeightsNotFoundError",
     "CheckpointError",
+    "CheckpointWriteError",
+    "UnsafeCheckpointError",
     "DataNotFoundError",
     "CacheError",
     "CacheMismatchError",
@@ -80,6 +82,14 @@ class WeightsNotFoundError(REPAError, FileNotFoundError):
 
 class CheckpointError(REPAError, RuntimeError):
     """A training checkpoint is missing, incomplete or incompatible."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, file size limit); earlier checkpoints are kept."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled Python objects, which `repa` refuses to load (they could run code)."""
 
 
 class DataNotFoundError(REPAError, FileNotFoundError):

@@ -5,7 +5,9 @@ float32 whatever the autocast dtype: REPA's reference normalized in fp16 and pro
 losses after 70-160K steps (its issue #46); upcasting first fixes it.
 
 Names: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"`` (VA-VAE),
-``"relation"`` (VideoREPA-style token relations). :func:`build_loss` also accepts a callable.
+``"relation"`` (token-relation MSE), ``"trd"`` (VideoREPA's Token Relation Distillation, chunked
+over token rows so its memory stays bounded for long videos). :func:`build_loss` also accepts a
+callable.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "mse_alignment",
     "vf_alignment",
     "relation_alignment",
+    "token_relation_distillation",
     "mean_cosine_similarity",
     "zscore_targets",
     "build_loss",
@@ -115,6 +118,53 @@ def relation_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.mse_loss(_token_cosine_matrix(pred), _token_cosine_matrix(target))
 
 
+def _trd_rows(p_rows: torch.Tensor, p_all: torch.Tensor, t_rows: torch.Tensor, t_all: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over a block of rows of relu(|cos_pred - cos_target| - margin); inputs L2-normalized."""
+    gap = (p_rows @ p_all.transpose(1, 2) - t_rows @ t_all.transpose(1, 2)).abs()  # (B, r, N)
+    return F.relu(gap - margin).sum()
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def token_relation_distillation(
+    pred: torch.Tensor, target: torch.Tensor, margin: float = 0.1, chunk_size: int = 1024
+) -> torch.Tensor:
+    """VideoREPA's Token Relation Distillation (TRD) loss (arXiv 2505.23656), in fp32.
+
+    For each sample, with L2-normalized tokens p_i (projected model tokens) and y_i (teacher
+    tokens) over all N = t*h*w tokens of the latent video, the relation of two tokens is their
+    cosine similarity; pairs within one latent frame are the spatial relations, pairs across
+    latent frames the temporal ones. The loss is the mean over samples and over all N^2 pairs
+    (i, j) of ``relu(|cos(p_i, p_j) - cos(y_i, y_j)| - margin)``: relations closer than the
+    margin cost nothing (soft guidance). The margin 0.1 is the value of the authors' released
+    CogVideoX-2B training script. Only relations enter, so no token is pushed onto its target.
+
+    The N x N similarity matrices are never built whole: rows are processed ``chunk_size`` at
+    a time and each block is recomputed in the backward pass (activation checkpointing), so
+    memory is O(B * chunk_size * N) instead of O(B * N^2), with the same value and gradients.
+    """
+    if margin < 0:
+        raise ConfigError(f"margin must be >= 0, got {margin!r}")
+    if isinstance(chunk_size, bool) or int(chunk_size) < 1:
+        raise ConfigError(f"chunk_size must be a positive int (token rows per block), got {chunk_size!r}")
+    pred, target = _fp32(pred, target)
+    p = F.normalize(pred, dim=-1)  # (B, N, D)
+    t = F.normalize(target, dim=-1)  # (B, N, D_e)
+    b, n, _ = p.shape
+    chunk = int(chunk_size)
+    if n <= chunk:
+        total = _trd_rows(p, p, t, t, margin)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        total = p.new_zeros(())
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            part = checkpoint(_trd_rows, p[:, rows], p, t[:, rows], t, margin, use_reentrant=False)
+            total = total + part
+    return total / (b * n * n)
+
+
 def zscore_targets(target: torch.Tensor, alpha: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
     """iREPA's spatial normalization of targets (B, N, D), per channel over tokens.
 
@@ -133,6 +183,7 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "mse": mse_alignment,
     "vf": vf_alignment,
     "relation": relation_alignment,
+    "trd": token_relation_distillation,
 }
 
 # constructor keyword of REPARegularizer -> (loss name, keyword of the loss function)
@@ -140,6 +191,7 @@ LOSS_OPTIONS: Dict[str, Dict[str, str]] = {
     "nt-xent": {"temperature": "temperature"},
     "smooth-l1": {"beta": "beta"},
     "vf": {"margin_cos": "margin_cos", "margin_dist": "margin_dist"},
+    "trd": {"margin": "margin", "relation_chunk": "chunk_size"},
 }
 
 

@@ -34,6 +34,9 @@ class ModelPreset:
         resample: which side is resampled when grids differ: ``"target"`` (REPA) or
             ``"model"`` (U-REPA: model features are upsampled to the encoder grid).
         recommended_layer: the REPA default for this family, as documentation.
+        video: for video models, ``model -> repa.video.VideoGridTracker``: records each
+            forward's (t, h, w) token grid from the model's input and carries the video VAE's
+            temporal compression.
     """
 
     name: str
@@ -44,6 +47,7 @@ class ModelPreset:
     resample: str = "target"
     recommended_layer: str = ""
     notes: str = field(default="", compare=False)
+    video: Optional[Callable[[nn.Module], Any]] = None
 
 
 _PRESETS: List[ModelPreset] = []

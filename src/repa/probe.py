@@ -313,7 +313,8 @@ def plot_alignment(result: Union[AlignmentResult, Dict[str, Any]], path: Union[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``repa probe``."""
-    parser.add_argument("--ckpt", required=True, help="a `repa train` checkpoint file, or its run folder (newest)")
+    parser.add_argument("--ckpt", required=True,
+                        help="a `repa train` checkpoint file, or its run folder (newest), or an official REPA checkpoint")
     parser.add_argument("--encoder", required=True, help="registry encoder to compare with, e.g. dinov2-vit-b")
     parser.add_argument("--data", required=True, help="images with labels: image folder (class subfolders), IDX folder or latent folder")
     parser.add_argument("--layers", default="all", help="'all' blocks, or block indices / module names: 0,3,5 (default: all)")
@@ -330,6 +331,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default=None, help="SD-VAE folder for latent models (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .sit.official import add_official_arguments
+
+    add_official_arguments(parser)
 
 
 def _parse_ts(text: str) -> List[float]:
@@ -360,7 +364,8 @@ def _load_samples(data: str, info: Dict[str, Any], n: int, seed: int) -> Tuple[t
 def main(args: argparse.Namespace) -> int:
     """Run ``repa probe`` with parsed arguments; returns the exit status."""
     from .encoders import create_encoder
-    from .sit.checkpoint import load_checkpoint, resolve_checkpoint
+    from .sit.checkpoint import resolve_checkpoint
+    from .sit.official import load_any_checkpoint
     from .sit.sample import load_sampling_model
 
     ts = _parse_ts(args.t)
@@ -368,9 +373,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-samples {args.num_samples} must exceed --topk {args.topk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = resolve_checkpoint(args.ckpt)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_any_checkpoint(ckpt_path, args)  # repa's own format, or an official REPA checkpoint
     model = load_sampling_model(ckpt, args.model_weights).to(device)
     info, cfg, step = ckpt["data"], ckpt.get("config", {}), int(ckpt["step"])
+    official = "official" in ckpt  # an official REPA file: outputs go beside it, named after it
     del ckpt
     images, labels, moments = _load_samples(args.data, info, args.num_samples, args.seed)
 
@@ -407,7 +413,8 @@ def main(args: argparse.Namespace) -> int:
         "path": cfg.get("path_type", "linear"),
         "null_label": True,
     }
-    out = Path(args.out) if args.out else ckpt_path.parent.parent / "probe" / f"{step:07d}-{encoder.name}"
+    run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
+    out = Path(args.out) if args.out else run / "probe" / f"{tag}-{encoder.name}"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".alignment.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result.to_dict(), indent=1))

@@ -1,7 +1,9 @@
 """Projectors from the diffusion model's hidden width to an encoder's width.
 
 ``"mlp"`` is REPA's exactly: Linear(D, 2048) -> SiLU -> Linear(2048, 2048) -> SiLU ->
-Linear(2048, D_e). ``"linear"`` is one Linear. ``"conv"`` is iREPA's k x k convolution over the
+Linear(2048, D_e), initialized as the reference initializes it (inside its SiT's
+``initialize_weights``): Xavier-uniform weights, zero biases. ``"linear"`` is one Linear with
+the same initialization. ``"conv"`` is iREPA's k x k convolution over the
 token grid. A callable ``(in_dim, out_dim) -> nn.Module`` builds a custom projector.
 
 Projectors map tokens (B, N, D) -> (B, N, D_e). Those that need the spatial grid set
@@ -20,8 +22,25 @@ from .errors import ConfigError, UnknownNameError
 __all__ = ["MLPProjector", "LinearProjector", "ConvProjector", "build_projector", "PROJECTORS"]
 
 
+def _xavier_init(linear: nn.Linear) -> None:
+    """The reference's rule for every Linear of its projectors: Xavier-uniform weight, zero bias.
+
+    Xavier-uniform draws from U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), so the output
+    variance neither grows nor shrinks with the width (PyTorch's default Linear init instead
+    uses a = 1 / sqrt(fan_in) and a non-zero bias).
+    """
+    nn.init.xavier_uniform_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 class MLPProjector(nn.Sequential):
-    """REPA's projector: Linear-SiLU-Linear-SiLU-Linear with hidden width ``hidden_dim`` (2048)."""
+    """REPA's projector: Linear-SiLU-Linear-SiLU-Linear with hidden width ``hidden_dim`` (2048).
+
+    Submodules ``0``, ``2``, ``4`` are the Linears, the names of the reference's
+    ``projectors.{i}.{0,2,4}`` (so its weights load by name); initialized Xavier-uniform with
+    zero biases, as the reference does.
+    """
 
     uses_grid = False
 
@@ -33,16 +52,26 @@ class MLPProjector(nn.Sequential):
             nn.SiLU(),
             nn.Linear(hidden_dim, out_dim),
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases for the three Linears (the reference's init)."""
+        for module in self:
+            if isinstance(module, nn.Linear):
+                _xavier_init(module)
 
 
 class LinearProjector(nn.Linear):
-    """A single Linear(D, D_e)."""
+    """A single Linear(D, D_e), initialized like the MLP's Linears (Xavier-uniform, zero bias)."""
 
     uses_grid = False
 
+    def reset_parameters(self) -> None:  # called by nn.Linear.__init__
+        _xavier_init(self)
+
 
 class ConvProjector(nn.Module):
-    """iREPA's projector: a k x k convolution over the (h, w) token grid, 'same' padding."""
+    """iREPA's projector: a k x k convolution over the (h, w) token grid, 'same' padding (per frame for (t, h, w))."""
 
     uses_grid = True
 
@@ -52,8 +81,11 @@ class ConvProjector(nn.Module):
             raise ConfigError(f"conv projector: kernel_size must be a positive odd int, got {kernel_size!r}")
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Tuple[int, ...]) -> torch.Tensor:
         b, n, d = x.shape
+        if len(grid) == 3:  # video tokens (t, h, w): the same 2D convolution on each latent frame
+            t = int(grid[0])
+            return self.forward(x.reshape(b * t, n // t, d), tuple(grid[1:])).reshape(b, n, -1)  # (B, N, D_e)
         fmap = x.transpose(1, 2).reshape(b, d, *grid)  # (B, D, h, w)
         return self.conv(fmap).flatten(2).transpose(1, 2)  # (B, N, D_e)
 

@@ -29,14 +29,16 @@ from .errors import (
     GridMismatchError,
     InputRangeError,
     NonFiniteInputError,
+    REPAError,
     ShapeMismatchError,
     StateDictError,
 )
-from .grid import Grid, as_grid, flatten_feature_map, infer_grid, resample_tokens
+from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
 from .schedules import WeightLike, from_dict
+from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
 
@@ -47,7 +49,7 @@ EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
 # keyword options of the pieces, accepted as constructor keywords
 _LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
-_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS]
+_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS, *VIDEO_OPTION_KEYS]
 
 
 class REPAOutput(NamedTuple):
@@ -147,10 +149,11 @@ class REPARegularizer(HookedObjective):
         projector: ``"mlp"`` (REPA), ``"linear"``, ``"conv"`` (iREPA) or ``(in, out) -> nn.Module``.
         projector_dim: hidden width of the MLP projector (REPA: 2048).
         loss: ``"cosine"`` (REPA), ``"nt-xent"``, ``"smooth-l1"``, ``"mse"``, ``"vf"``,
-            ``"relation"`` or ``(pred, target) -> scalar``.
+            ``"relation"``, ``"trd"`` (VideoREPA) or ``(pred, target) -> scalar``.
         tokens: which tokens of a hooked output are image tokens: ``None`` (all, or the model
             preset's choice), a slice, a callable on the raw output, or a dict layer -> one of these.
-        grid: the model's token grid ``(h, w)`` (or a dict layer -> grid); inferred when square.
+        grid: the model's token grid ``(h, w)``, or ``(t, h, w)`` for video tokens (or a dict
+            layer -> grid); inferred when square; video presets read it from each forward's input.
         mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
             raises :class:`~repa.errors.GridMismatchError`.
         input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
@@ -164,7 +167,9 @@ class REPARegularizer(HookedObjective):
             these checks on the hot path.
         **options: options of the pieces: ``kernel_size`` (conv projector), ``temperature``
             (nt-xent), ``beta`` (smooth-l1), ``margin_cos``/``margin_dist`` (vf),
-            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization).
+            ``target_norm="zscore"`` and ``alpha`` (iREPA spatial target normalization),
+            ``margin``/``relation_chunk`` (trd), and for videos ``video_layout``,
+            ``temporal_compression``, ``frame_pooling``, ``frame_chunk`` (:class:`repa.video.VideoOptions`).
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class REPARegularizer(HookedObjective):
             raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
         alpha = float(options.pop("alpha", 0.6))
         kernel_size = options.pop("kernel_size", None)
+        self.video = VideoOptions.pop_from(options)  # video_layout, temporal_compression, ... (repa.video)
         loss_options = {k: options.pop(k) for k in list(options)}
 
         base = unwrap_model(model)
@@ -244,7 +250,11 @@ class REPARegularizer(HookedObjective):
         self._grids = {}
         for n in self.layer_names:
             g = _per_layer(grid, n, "grid", self.layer_names)
-            self._grids[n] = as_grid(g) if g is not None else None
+            self._grids[n] = as_token_grid(g) if g is not None else None
+        # video presets record each forward's (t, h, w) token grid from the model's input
+        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
+        if self._grid_tracker is not None:
+            self._grid_tracker.owner = self
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
@@ -266,7 +276,10 @@ class REPARegularizer(HookedObjective):
             "resample": resample,
             "options": {
                 k: v
-                for k, v in {"target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options}.items()
+                for k, v in {
+                    "target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options,
+                    **self.video.to_dict(),
+                }.items()
                 if v is not None
             },
         }
@@ -331,10 +344,12 @@ class REPARegularizer(HookedObjective):
 
     # ------------------------------------------------------------------ capture lifecycle
     def _on_remove(self) -> None:
-        """Also remove the hooks of token selectors (older Flux)."""
+        """Also remove the hooks of token selectors (older Flux) and of a video preset's grid tracker."""
         for selector in self._tokens.values():
             if callable(getattr(selector, "remove", None)):
                 selector.remove()
+        if self._grid_tracker is not None:
+            self._grid_tracker.remove()
 
     def attach_to(self, model: nn.Module, name: str = "repa_projectors") -> nn.Module:
         """Register the projectors as a submodule of ``model``.
@@ -365,7 +380,8 @@ class REPARegularizer(HookedObjective):
 
         Args:
             images: the CLEAN images of the batch, uint8 in [0, 255] or float in
-                ``input_range``, (B, C, H, W).
+                ``input_range``, (B, C, H, W); or clean videos (B, C, T, H, W) / (B, T, C, H, W)
+                for video models (see :mod:`repa.video`).
             features: precomputed encoder targets instead of ``images``: a tensor (one
                 encoder), a list (in encoder order) or a dict keyed by encoder name; each
                 (B, N_e, D_e) or (B, D_e, h, w).
@@ -428,6 +444,8 @@ class REPARegularizer(HookedObjective):
                 f"layer {layer!r} returned {type(x).__name__}, not a tensor; pass tokens=<callable output -> tensor>"
             )
         grid = self._grids[layer]
+        if grid is None and self._grid_tracker is not None:
+            grid = self._grid_tracker.grid  # (t, h, w) of the forward that produced this capture
         if x.ndim == 4:  # (B, C, H, W) conv / U-Net features
             x, grid4 = flatten_feature_map(x)  # (B, H*W, C)
             if isinstance(sel, slice):
@@ -444,10 +462,10 @@ class REPARegularizer(HookedObjective):
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
-        elif grid[0] * grid[1] != n:
+        elif grid_cells(grid) != n:
             raise ShapeMismatchError(
-                f"grid={grid} of layer {layer!r} has {grid[0] * grid[1]} cells but the layer gives {n} image tokens; "
-                "fix grid= or tokens="
+                f"grid={grid} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} image tokens; "
+                "fix grid= (video: (t, h, w) after patching) or tokens="
             )
         if x.shape[-1] != self.hidden_dims[layer]:
             raise ShapeMismatchError(
@@ -508,6 +526,8 @@ class REPARegularizer(HookedObjective):
     def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
         if (images is None) == (features is None):
             raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
+        if is_video_call(images, features, self.encoder_dims):  # (B, C, T, H, W) clips: repa.video
+            return encode_video_targets(self, images) if features is None else video_feature_targets(self, features)
         out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
         if features is not None:
             raw = self._features_by_encoder(features)
@@ -555,14 +575,14 @@ class REPARegularizer(HookedObjective):
         return out
 
     def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
-        msg = f"layer {layer!r} has a {grid_m[0]}x{grid_m[1]} token grid but encoder {enc_name!r} gives {grid_e[0]}x{grid_e[1]}"
-        if isinstance(images, torch.Tensor):
-            msg += f" for {images.shape[-2]}x{images.shape[-1]} images"
+        msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            msg += f" for {size[0]}x{size[1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
-            if hasattr(enc, "grid"):
-                fits = [r for r in range(8, 2049, 8) if as_grid(enc.grid(r)) == grid_m]
-                if fits:
-                    msg += f"; images of {fits[0]}x{fits[0]} would give the encoder a matching grid"
+            fit = _matching_image_size(enc, images, grid_e, grid_m)
+            if fit is not None:
+                msg += f"; images of {fit[0]}x{fit[1]} would give the encoder a matching grid"
         return msg + "; pass mismatch='interpolate' to resample the targets instead"
 
     # ------------------------------------------------------------------ save / load
@@ -578,40 +598,98 @@ class REPARegularizer(HookedObjective):
 
         ``encoders`` defaults to the saved registry names; pass modules when the saved ones were
         custom. ``overrides`` replace saved constructor arguments (e.g. a callable ``weight=``).
+        The config is ``repa_config.json`` (or, when that file is missing, the copy in the
+        weights file's metadata).
+
+        Raises:
+            ConfigError: the saved config is not valid JSON, lacks fields or holds values of the
+                wrong type (the message names them).
+            StateDictError: the folder holds no saved regularizer, the weights file is damaged,
+                or its tensors are missing, extra, of another shape or not finite.
         """
         from safetensors.torch import load_file
 
         weights_path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.exists(weights_path):
+        if not os.path.isfile(weights_path):
             raise StateDictError(f"no {WEIGHTS_NAME} in {str(directory)!r}; save one with reg.save_pretrained(dir)")
-        with open(os.path.join(directory, CONFIG_NAME)) as fh:
-            config = json.load(fh)
-        kwargs: Dict[str, Any] = {
-            "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
-            "projector": config["projector"],
-            "projector_dim": config["projector_dim"],
-            "loss": config["loss"],
-            "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
-            "mismatch": config["mismatch"],
-            "input_range": tuple(config["input_range"]),
-            "hidden_dim": config["hidden_dims"],
-            "resample": config.get("resample"),
-            **config.get("options", {}),
-        }
+        config_path = os.path.join(directory, CONFIG_NAME)
+        config = _read_saved_config(config_path, weights_path)
+        try:
+            state = load_file(weights_path)
+        except Exception as exc:  # SafetensorError (bad header, truncated), OSError
+            raise StateDictError(
+                f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged: save the "
+                "regularizer again with reg.save_pretrained(dir)"
+            ) from exc
+        broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise StateDictError(f"{weights_path!r} holds NaN or infinite values in {broken}; the file is damaged")
+        try:
+            kwargs: Dict[str, Any] = {
+                "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
+                "projector": config["projector"],
+                "projector_dim": config["projector_dim"],
+                "loss": config["loss"],
+                "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
+                "mismatch": config["mismatch"],
+                "input_range": tuple(config["input_range"]),
+                "hidden_dim": config["hidden_dims"],
+                "resample": config.get("resample"),
+                **(config.get("options") or {}),
+            }
+        except REPAError:
+            raise
+        except (TypeError, ValueError) as exc:  # e.g. a schedule object with unknown fields
+            raise ConfigError(f"{config_path!r} holds an invalid setting ({exc}); save the regularizer again") from exc
         kwargs.update(overrides)
         for key in ("weight", "projector", "loss"):
             if kwargs.get(key) is None:
                 raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
         if encoders is None:
             encoders = dict(zip(config["encoders"], config["encoders"]))
-        reg = cls(model, config["layers"], encoders, **kwargs)
-        if reg.encoder_dims != config["encoder_dims"]:
-            raise StateDictError(
-                f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
-                f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
-            )
-        reg.load_state_dict(load_file(weights_path))
+        try:
+            reg = cls(model, config["layers"], encoders, **kwargs)
+        except REPAError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:  # a value of the right type that the pieces reject
+            raise ConfigError(
+                f"the settings in {config_path!r} (with overrides {sorted(overrides)}) cannot build a regularizer "
+                f"({type(exc).__name__}: {exc}); save it again with reg.save_pretrained(dir)"
+            ) from exc
+        try:  # on failure, leave the model without this regularizer's hooks
+            if reg.encoder_dims != config["encoder_dims"]:
+                raise StateDictError(
+                    f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
+                    f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
+                )
+            reg.load_state_dict(state)
+        except BaseException:
+            reg.remove()
+            raise
         return reg
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Load projectors and step; with ``strict`` a mismatch names missing and unexpected keys."""
+        if strict:
+            own = set(self.state_dict())
+            missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            if missing or unexpected:
+                raise StateDictError(
+                    f"state dict does not match this regularizer: missing keys {missing}, unexpected keys "
+                    f"{unexpected}; was it saved with the same layers, encoders and projector?"
+                )
+        own_state = self.state_dict()
+        reshaped = [
+            f"{k}: saved {tuple(v.shape)}, here {tuple(own_state[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own_state and isinstance(v, torch.Tensor) and v.shape != own_state[k].shape
+        ]
+        if reshaped:
+            raise StateDictError(
+                f"state dict tensors have other shapes than this regularizer's: {reshaped}; was it saved with the "
+                "same layers, encoders, projector and projector_dim?"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return (
@@ -653,3 +731,127 @@ def _check_finite_features(features: Dict[str, Any]) -> None:
             + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
         )
 
+
+def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_m: Grid) -> Optional[Grid]:
+    """An image size (H, W) for which ``encoder`` returns the grid ``grid_m``, or None if none is found.
+
+    The encoder's stride is derived from the batch it was given (``H / h_e``, ``W / w_e``), so
+    the estimate ``grid_m * stride`` works for any encoder whose grid follows the image size,
+    a user's own module included. The estimate is checked with the encoder's ``grid()`` method
+    where it has one, else with one forward of a blank (1, C, H, W) image; encoders that resize
+    their input (DINOv2: 256 -> 224 px) are also searched over square sizes through ``grid()``.
+    """
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    has_grid = callable(getattr(encoder, "grid", None))
+
+    def grid_at(hw: Grid) -> Optional[Grid]:
+        try:
+            if has_grid:
+                return as_grid(encoder.grid(hw))
+            param = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
+            blank = torch.zeros(1, images.shape[1], *hw, device=images.device,  # (1, C, H, W)
+                                dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+            with torch.no_grad():
+                out = encoder(blank)
+            if out.ndim == 4:  # (1, D, h, w)
+                return (int(out.shape[-2]), int(out.shape[-1]))
+            return infer_grid(int(out.shape[1]))  # (1, N, D): square grids only
+        except Exception:  # a size the encoder cannot take: no suggestion from it
+            return None
+
+    if grid_e[0] > 0 and grid_e[1] > 0:
+        estimate = tuple(int(round(g_m * s / g_e)) for g_m, s, g_e in zip(grid_m, size, grid_e))  # grid_m * stride
+        if 0 < min(estimate) and max(estimate) <= 8192 and grid_at(estimate) == tuple(grid_m):
+            return estimate  # type: ignore[return-value]
+    if has_grid and grid_m[0] == grid_m[1]:
+        for r in range(8, 2049, 8):
+            if grid_at((r, r)) == tuple(grid_m):
+                return (r, r)
+    return None
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > low - 1
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+def _is_grids(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) in (2, 3) and all(_is_int(x, 1) for x in g)
+                                                     for g in v.values()))  # (h, w), or (t, h, w) for video
+
+
+#: Fields of ``repa_config.json``: (check, what is expected); those of _OPTIONAL_FIELDS may be absent.
+_SAVED_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "layers": (_is_names, "a list of module names"),
+    "encoders": (_is_names, "a list of encoder names"),
+    "encoder_dims": (lambda v: isinstance(v, list) and all(_is_int(x, 1) for x in v), "a list of positive ints"),
+    "hidden_dims": (lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int"),
+    "weight": (lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"),
+    "projector": (lambda v: v is None or isinstance(v, str), "a projector name or null"),
+    "projector_dim": (lambda v: _is_int(v, 1), "a positive int"),
+    "loss": (lambda v: v is None or isinstance(v, str), "a loss name or null"),
+    "mismatch": (lambda v: isinstance(v, str), "'interpolate' or 'error'"),
+    "input_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
+}
+_OPTIONAL_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "grid": (_is_grids, "null or an object layer -> [h, w] or [t, h, w]"),
+    "resample": (lambda v: v is None or isinstance(v, str), "'target', 'model' or null"),
+    "options": (lambda v: v is None or isinstance(v, dict), "an object of options"),
+}
+
+
+def _read_saved_config(config_path: str, weights_path: str) -> Dict[str, Any]:
+    """The config :meth:`REPARegularizer.save_pretrained` wrote, checked field by field.
+
+    Raises:
+        ConfigError: not valid JSON, not an object, missing fields or values of the wrong type.
+        StateDictError: neither the JSON file nor the weights file's metadata holds a config.
+    """
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_path!r} ({type(exc).__name__}: {exc})") from exc
+        where = repr(config_path)
+    else:  # save_pretrained also stores the config in the safetensors metadata
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights_path, "pt") as fh:
+                text = (fh.metadata() or {}).get("repa_config")
+        except Exception as exc:  # SafetensorError
+            raise StateDictError(f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
+        if text is None:
+            raise StateDictError(
+                f"no {CONFIG_NAME} beside {weights_path!r} and no config in its metadata; save the regularizer "
+                "again with reg.save_pretrained(dir)"
+            )
+        where = f"the metadata of {weights_path!r}"
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where} is not valid JSON ({exc}); restore it (save_pretrained also stores it in the metadata of "
+            f"{WEIGHTS_NAME}: delete the damaged file to use that copy) or save the regularizer again"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} must hold a JSON object of settings, got {type(config).__name__}")
+    missing = [k for k in _SAVED_FIELDS if k not in config]
+    if missing:
+        raise ConfigError(f"{where} lacks the field(s) {missing}; save the regularizer again with reg.save_pretrained(dir)")
+    wrong = [
+        f"{key}={config[key]!r} (expected {what})"
+        for key, (ok, what) in {**_SAVED_FIELDS, **_OPTIONAL_FIELDS}.items()
+        if key in config and not ok(config[key])
+    ]
+    if wrong:
+        raise ConfigError(f"{where} holds values of the wrong type: {'; '.join(wrong)}; save the regularizer again")
+    return config

@@ -5,7 +5,10 @@ Reference names (REPA's ``--enc-type``) keep the reference's preprocessing exact
 - ``dinov2-vit-{s,b,l,g}`` / ``dinov2reg-vit-*``: normalize, then bicubic resize to 224*R/256
   (16x16 tokens at 256 px, 32x32 at 512 px); final-norm patch tokens (CLS, registers dropped).
 - ``clip-vit-L``: bicubic resize to 224, then CLIP mean/std; tokens before ``ln_post`` (timm's
-  ``norm``) and the projection, CLS dropped.
+  ``norm``) and the projection, CLS dropped. OpenAI's CLIP MLPs use QuickGELU
+  (x * sigmoid(1.702 x)), so every OpenAI entry is built from timm's ``*_clip_quickgelu_*``
+  twin, which reads the same weights; LAION's OpenCLIP models were trained with plain GELU and
+  keep it.
 - ``mae-vit-l``: native R, no resize; tokens WITHOUT the final norm, CLS dropped.
 - ``jepa-vit-h``: resize to 224; all tokens after the final norm (no CLS exists).
 - ``mocov3-vit-{s,b,l}``: native R; final-norm tokens, CLS dropped; local weights only.
@@ -77,6 +80,8 @@ _PARAMS: Dict[str, int] = {
     "vit_huge_plus_patch16_dinov3.lvd1689m": 840_509_440,
     "vit_large_patch14_clip_224.laion2b": 303_179_776,
     "vit_large_patch14_clip_224.openai": 303_179_776,
+    "vit_base_patch16_clip_quickgelu_224.openai": 85_799_424,
+    "vit_large_patch14_clip_quickgelu_224.openai": 303_179_776,
     "vit_large_patch14_dinov2.lvd142m": 304_367_616,
     "vit_large_patch14_reg4_dinov2.lvd142m": 304_370_688,
     "vit_large_patch16_224.mae": 303_301_632,
@@ -173,14 +178,21 @@ for _arch, _rel in _DINO_URLS.items():
     )
 
 # ------------------------------------------------------------------ CLIP: REPA's fixed 224, resize then normalize
-for _arch, _dim, _patch, _mean, _std in (
+# OpenAI CLIP was trained with QuickGELU: its entries build timm's quickgelu twin (same weights,
+# same hub repository); OpenCLIP's LAION-2B models use plain GELU.
+_QUICKGELU = {
+    "vit_base_patch16_clip_224.openai": "vit_base_patch16_clip_quickgelu_224.openai",
+    "vit_large_patch14_clip_224.openai": "vit_large_patch14_clip_quickgelu_224.openai",
+}
+for _name, _dim, _patch, _mean, _std in (
     ("vit_base_patch16_clip_224.openai", 768, 16, CLIP_MEAN, CLIP_STD),
     ("vit_large_patch14_clip_224.openai", 1024, 14, CLIP_MEAN, CLIP_STD),
     ("vit_base_patch16_clip_224.laion2b", 768, 16, CLIP_MEAN, CLIP_STD),
     ("vit_large_patch14_clip_224.laion2b", 1024, 14, SIGLIP_MEAN, SIGLIP_STD),  # OpenCLIP's L/14 uses 0.5/0.5
 ):
+    _arch = _QUICKGELU.get(_name, _name)
     _add(
-        ("clip-vit-L", _arch) if _arch == "vit_large_patch14_clip_224.openai" else (_arch,),
+        ("clip-vit-L", _name) if _name == "vit_large_patch14_clip_224.openai" else (_name,),
         family="clip",
         embed_dim=_dim,
         patch_size=_patch,
@@ -191,7 +203,7 @@ for _arch, _dim, _patch, _mean, _std in (
         input_size=224,
         normalize_first=False,
         arch=_arch,
-        hf_hub_id=f"timm/{_arch}",
+        hf_hub_id=f"timm/{_name}",  # the quickgelu twin reads the same repository's weights
         license="mit",
         pretrained_size=224,
     )

@@ -19,8 +19,10 @@ and the layouts the original projects released:
   ``backbone.`` keys (the DINO projection head dropped).
 
 Every layout also unwraps ``state_dict``/``model``/``module`` containers, strips ``module.``
-and ``_orig_mod.`` prefixes, drops heads the built trunk does not have, and resamples a
-position embedding trained at another grid. Anything else that does not match is an error.
+and ``_orig_mod.`` prefixes and the ``model.`` prefix of a state dict saved from the
+:class:`~repa.encoders.FrozenEncoder` wrapper itself (``torch.save(encoder.state_dict(), path)``),
+drops heads the built trunk does not have, and resamples a position embedding trained at
+another grid. Anything else that does not match is an error.
 """
 
 from __future__ import annotations
@@ -62,16 +64,27 @@ def read_weights_file(path: Union[str, "os.PathLike[str]"]) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError (header, truncation), OSError
+            raise StateDictError(
+                f"cannot read {str(path)!r} as a safetensors file ({_first_line(exc)}); "
+                "the file is damaged or is not safetensors: download or save it again"
+            ) from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends
         raise StateDictError(
-            f"cannot read {str(path)!r} safely as weights ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"cannot read {str(path)!r} safely as weights ({_first_line(exc)}). "
             "If it is a checkpoint you trust that stores other Python objects, load it yourself with "
             "torch.load(path, map_location='cpu', weights_only=False) and pass the dict: "
             "create_encoder(name, weights=that_dict)"
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------- generic unwrapping
@@ -194,6 +207,7 @@ def convert_checkpoint(checkpoint: Any, layout: str, model: nn.Module) -> StateD
             "Pass the state dict itself, e.g. weights=checkpoint['model']"
         )
     sd = {k: v for k, v in sd.items()}
+    sd = _strip_prefix(sd, "model.")  # saved from the FrozenEncoder wrapper: its network is .model
     for prefix in ("_orig_mod.", "module."):
         if layout not in ("mocov3",):  # MoCo v3 prefixes select the base encoder
             sd = _strip_prefix(sd, prefix)
@@ -266,6 +280,12 @@ def load_encoder_state_dict(
             + "; ".join(parts)
             + ". Check that the file belongs to this encoder (same size variant and patch size); "
             "layouts understood: timm, dinov2, mae, ijepa, mocov3, dino"
+        )
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise StateDictError(
+            f"weights from {source} hold NaN or infinite values in {len(broken)} tensor(s) (e.g. {broken[:5]}); "
+            "the file is damaged: download or save it again"
         )
     model.load_state_dict(sd, strict=True)
 

@@ -10,6 +10,7 @@ picks the right block list and image-token slice for a diffusers ``FluxTransform
 """
 
 from . import diffusers_presets  # noqa: F401  (registers the diffusers presets)
+from . import diffusers_video  # noqa: F401  (registers the diffusers video presets)
 from .diffusers_presets import (
     DIFFUSERS_PRESETS,
     FluxImageTokens,
@@ -17,4 +18,6 @@ from .diffusers_presets import (
     unet_block_hidden_states,
 )
 
-__all__ = ["DIFFUSERS_PRESETS", "FluxImageTokens", "joint_image_stream", "unet_block_hidden_states"]
+from .diffusers_video import DIFFUSERS_VIDEO_PRESETS, video_stream
+
+__all__ = ["DIFFUSERS_PRESETS", "DIFFUSERS_VIDEO_PRESETS", "video_stream", "FluxImageTokens", "joint_image_stream", "unet_block_hidden_states"]

@@ -3,6 +3,9 @@
 - :mod:`repa.sit.models`: ``SiT`` and the size factories ``SiT_models`` / ``create_sit``.
 - :mod:`repa.sit.transport`: linear and cosine paths, training-time sampling, velocity loss.
 - :mod:`repa.sit.sampling`: Euler / Heun ODE and Euler-Maruyama SDE samplers with CFG.
+- :mod:`repa.sit.official`: the official REPA code's checkpoints (released ``last.pt``,
+  train.py checkpoints, legacy ones) for sampling, probing, fine-tuning, and their projectors
+  for a ``REPARegularizer`` (``load_official_projectors``).
 
 The training and sampling programs (``repa train``, ``repa sample``) are built on these modules.
 """

@@ -140,6 +140,8 @@ class TrainConfig:
     sample_cfg: float = 1.0
     tensorboard: bool = False
     resume: Optional[str] = None
+    # start from an official REPA checkpoint (weights of the SiT, its EMA and the projectors)
+    init_from: Optional[str] = None
     # which recipe these settings came from (set by resolve_config; part of the default run name)
     config_name: str = "fmnist"
 

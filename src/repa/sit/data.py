@@ -363,8 +363,8 @@ class LatentDataset(Dataset):
         self.meta: Dict[str, Any] = json.loads(meta_file.read_text())
         if self.meta.get("format") != LATENT_FORMAT:
             raise DataNotFoundError(f"{str(meta_file)!r} has format {self.meta.get('format')!r}, expected {LATENT_FORMAT!r}")
-        self.moments = np.load(self.root / "moments.npy", mmap_mode="r")  # (N, 2c, h, w)
-        self.labels = np.load(self.root / "labels.npy")  # (N,)
+        self.moments = np.load(self.root / "moments.npy", mmap_mode="r", allow_pickle=False)  # (N, 2c, h, w)
+        self.labels = np.load(self.root / "labels.npy", allow_pickle=False)  # (N,)
         self.count = int(self.meta["count"])
         if self.moments.shape[0] != self.count or self.labels.shape[0] != self.count:
             raise DataNotFoundError(
@@ -375,7 +375,7 @@ class LatentDataset(Dataset):
         self._images: Optional[np.ndarray] = None
         self._files: Optional[List[str]] = None
         if self.meta["images"] == "images.npy":
-            self._images = np.load(self.root / "images.npy", mmap_mode="r")  # (N, 3, R, R)
+            self._images = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)  # (N, 3, R, R)
         else:
             self._files = json.loads((self.root / "files.json").read_text())
             self._source = Path(self.meta["source"])

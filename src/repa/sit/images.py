@@ -9,14 +9,29 @@ from typing import Union
 import numpy as np
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 
-__all__ = ["to_uint8", "to_hwc3", "make_grid", "save_png"]
+__all__ = ["PIXEL_ROUNDINGS", "to_uint8", "to_hwc3", "make_grid", "save_png"]
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W): round((x + 1) * 127.5), clamped to [0, 255]."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
+#: How floats become pixel levels: ``"truncate"`` (REPA's and the ADM suite's samplers:
+#: clamp(127.5 (x + 1), 0, 255) cast to uint8, i.e. floor) or ``"round"`` (to the nearest level).
+PIXEL_ROUNDINGS = ("truncate", "round")
+
+
+def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W), clamped to [0, 255].
+
+    ``rounding="round"``: round((x + 1) * 127.5). ``rounding="truncate"``: the cast of
+    clamp((x + 1) * 127.5, 0, 255) to uint8, which drops the fraction; this is what REPA's
+    ``generate.py`` (and the ADM samplers) write for FID, so FIDs compare with the paper's.
+    """
+    if rounding not in PIXEL_ROUNDINGS:
+        raise ConfigError(f"pixel rounding must be one of {PIXEL_ROUNDINGS}, got {rounding!r}")
+    scaled = (x.float() + 1.0) * 127.5  # (B, C, H, W) in about [0, 255]
+    if rounding == "round":
+        scaled = scaled.round()
+    return scaled.clamp(0, 255).to(torch.uint8)  # (B, C, H, W); the cast truncates
 
 
 def to_hwc3(images: torch.Tensor) -> np.ndarray:

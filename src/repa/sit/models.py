@@ -182,7 +182,9 @@ class RMSNorm(nn.Module):
 
 QKNorm = Union[bool, str]
 _QK_NORMS: Dict[str, Callable[[int], nn.Module]] = {
-    "layernorm": lambda dim: nn.LayerNorm(dim, eps=1e-6),
+    # eps 1e-5, PyTorch's default, as in the reference (timm's Attention builds its q/k norms
+    # with nn.LayerNorm's defaults)
+    "layernorm": lambda dim: nn.LayerNorm(dim, eps=1e-5),
     "rmsnorm": lambda dim: RMSNorm(dim),
 }
 

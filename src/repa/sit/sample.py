@@ -1,17 +1,25 @@
 """``repa sample``: images from a ``repa train`` checkpoint, as PNGs and as an ADM-style ``.npz``.
 
+Official checkpoints of the REPA code (the released ``last.pt``, train.py checkpoints, legacy
+ones) sample too: ``repa sample --ckpt last.pt`` (see :mod:`repa.sit.official`).
+
     repa sample --ckpt runs/fmnist-sit-t4-repa --num-samples 1000 --mode ode --steps 50
     torchrun --nproc_per_node 8 -m repa.sit.sample --ckpt CKPT --num-samples 50000 \\
         --mode sde --steps 250 --cfg-scale 1.8 --guidance-high 0.7      # REPA's FID 1.42 setting
 
-Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is ``i % num_classes``
-(``--classes balanced``: exactly N / num_classes per class) or the ``i``-th draw of a generator
-seeded with ``--seed`` (``random``); its initial noise comes from a generator seeded by
-(seed, i). So with the ODE sampler the images do not depend on the number of processes or the
-batch size; the SDE's per-step noise is drawn per batch. Each rank writes its own
+Sample ``i`` (0 <= i < N) belongs to rank ``i % world``. Its label is the ``i``-th draw of a
+generator seeded with ``--seed`` (``--classes random``, the default: uniform labels, the
+reference's FID protocol) or ``i % num_classes`` (``balanced``: exactly N / num_classes per
+class); its initial noise comes from a generator seeded by (seed, i). So with the ODE sampler
+the images do not depend on the number of processes or the batch size; the SDE's per-step
+noise is drawn per batch. Each rank writes its own
 ``images/<i:06d>.png`` (existing ones are kept, so an interrupted job continues); then rank 0
 packs all N into ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to 3
-channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall).
+channels), the input of the ADM evaluation suite (FID, sFID, IS, precision, recall), and a
+``samples.json`` record of how they were drawn (label protocol, pixel rounding, sampler, seed).
+Pixels are written as the reference writes them, clamp(127.5 (x + 1), 0, 255) cast to uint8
+(``--pixels truncate``, the default), so FIDs compare with the paper's; ``--pixels round``
+rounds to the nearest level instead.
 Latent models are decoded with the checkpoint's SD-VAE (or ``--vae``).
 """
 
@@ -30,7 +38,8 @@ from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .configs import build_model
 from .distributed import barrier, init_distributed, shutdown_distributed
-from .images import save_png, to_uint8
+from .images import PIXEL_ROUNDINGS, save_png, to_uint8
+from .official import add_official_arguments, load_any_checkpoint
 from .sampling import METHODS, SOLVERS, sample
 
 __all__ = ["add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz"]
@@ -42,17 +51,23 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``repa sample``."""
-    parser.add_argument("--ckpt", required=True, help="a checkpoint file written by `repa train`, or its run folder (newest)")
+    parser.add_argument("--ckpt", required=True,
+                        help="a checkpoint file written by `repa train`, or its run folder (newest), or an official REPA checkpoint")
     parser.add_argument("--num-samples", type=int, default=50_000, help="N images in all (default: 50000, FID-50K)")
     parser.add_argument("--mode", choices=list(METHODS), default="sde", help="sampler (default: sde, REPA's)")
     parser.add_argument("--solver", choices=sorted({s for v in SOLVERS.values() for s in v}), default="euler",
                         help="ODE solver: euler or heun (the SDE is Euler-Maruyama) (default: euler)")
     parser.add_argument("--steps", type=int, default=250, help="sampler steps (default: 250)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (paper best: 1.8)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale, applied only when > 1 as in the reference (paper best: 1.8)")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only steps starting at t >= this (default: 0)")
     parser.add_argument("--guidance-high", type=float, default=0.7, help="guide only steps starting at t <= this (default: 0.7)")
-    parser.add_argument("--classes", choices=list(CLASS_MODES), default="balanced",
-                        help="labels: balanced (i %% num_classes) or random (seeded) (default: balanced)")
+    parser.add_argument("--classes", choices=list(CLASS_MODES), default="random",
+                        help="labels: random (seeded uniform draws, the reference's FID protocol) or balanced "
+                        "(i %% num_classes) (default: random)")
+    parser.add_argument("--pixels", choices=list(PIXEL_ROUNDINGS), default="truncate",
+                        help="float -> uint8: truncate (the reference's clamp(127.5 (x + 1), 0, 255) cast) or round "
+                        "(default: truncate)")
     parser.add_argument("--per-proc-batch", type=int, default=64, help="images per forward on each process (default: 64)")
     parser.add_argument("--output", default=None,
                         help="output folder (default: <run>/eval/<step>-<mode><steps>-cfg<scale>-n<N>)")
@@ -61,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype (default: no)")
     parser.add_argument("--vae", default=None, help="SD-VAE folder or cached hub id (default: the one the run used)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_official_arguments(parser)
 
 
 def load_sampling_model(ckpt: Dict[str, Any], weights: str = "ema") -> torch.nn.Module:
@@ -132,6 +148,49 @@ def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
     return out
 
 
+def write_record(folder: Path, args: argparse.Namespace, ckpt_path: Path, step: int) -> Path:
+    """``samples.json`` beside ``samples.npz``: how the samples were drawn, so FIDs can be compared.
+
+    Written before sampling starts; a folder whose record says other settings is refused, so
+    PNGs drawn one way are never completed with PNGs drawn another way.
+    """
+    import json
+
+    record = {
+        "checkpoint": str(ckpt_path),
+        "step": step,
+        "num_samples": args.num_samples,
+        "classes": getattr(args, "classes", "random"),  # random = the reference's protocol
+        "pixels": getattr(args, "pixels", "truncate"),  # truncate = the reference's uint8 conversion
+        "mode": args.mode,
+        "solver": args.solver,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "guidance_low": args.guidance_low,
+        "guidance_high": args.guidance_high,
+        "seed": args.seed,
+        "weights": args.weights,
+        "mixed_precision": args.mixed_precision,
+        "vae": args.vae,
+    }
+    path = folder / "samples.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diffs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items() if old.get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"{folder} holds samples drawn with other settings ({'; '.join(diffs)}); pass another --output, "
+                "or delete that folder to draw them again"
+            )
+    tmp = folder / f".samples.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``repa sample`` with parsed arguments; returns the exit status."""
     from tqdm.auto import tqdm
@@ -143,10 +202,11 @@ def main(args: argparse.Namespace) -> int:
     info = init_distributed()
     try:
         ckpt_path = resolve_checkpoint(args.ckpt)
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_any_checkpoint(ckpt_path, args)  # repa's own format, or an official REPA checkpoint
         model = load_sampling_model(ckpt, args.weights).to(info.device)
         data, cfg = ckpt["data"], ckpt["config"]
         step = int(ckpt["step"])
+        official = "official" in ckpt  # an official REPA file: outputs go beside it, named after it
         del ckpt
         vae = None
         if data["kind"] != "pixels":
@@ -156,10 +216,11 @@ def main(args: argparse.Namespace) -> int:
         if args.output is not None:
             out = Path(args.output)
         else:
-            run = ckpt_path.parent.parent
-            out = run / "eval" / f"{step:07d}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
+            run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
+            out = run / "eval" / f"{tag}-{args.mode}{args.steps}-cfg{args.cfg_scale:g}-n{args.num_samples}"
         if info.is_main:
             (out / "images").mkdir(parents=True, exist_ok=True)
+            write_record(out, args, ckpt_path, step)  # refuses a folder drawn with other settings
         barrier(info)
 
         n, num_classes = args.num_samples, int(data["num_classes"])
@@ -190,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
                 from .data import decode_latents
 
                 x = decode_latents(vae, x, float(data["latent_scale"]))  # (B, 3, R, R)
-            images = to_uint8(x).cpu()  # (B, C, H, W)
+            images = to_uint8(x, getattr(args, "pixels", "truncate")).cpu()  # (B, C, H, W)
             for i, img in zip(idx, images):
                 save_png(img.permute(1, 2, 0).numpy(), _png_path(out, i))
         barrier(info)

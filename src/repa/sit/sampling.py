@@ -26,10 +26,12 @@ The grid is ``steps`` points linspace(1, t_end = 0.04, steps) followed by 0: ste
 stochastic steps, then one last deterministic step from t_end to 0 with the same drift and no
 noise (the score blows up as t -> 0). ``steps`` evaluations in all.
 
-Classifier-free guidance: a step starting at t_i with ``guidance_low <= t_i <= guidance_high``
-uses v = v_u + cfg_scale * (v_c - v_u), from one call on the doubled batch ``[x, x]`` with
+Classifier-free guidance: with ``cfg_scale > 1``, a step starting at t_i with
+``guidance_low <= t_i <= guidance_high`` uses v = v_u + cfg_scale * (v_c - v_u), from one call on the doubled batch ``[x, x]`` with
 labels ``[y, null]``; other steps use the conditional v_c alone. The score (and so the SDE
 drift) is affine in v with the same x_t, so guiding v is the same as guiding the drift.
+As in REPA's reference samplers, a scale <= 1 means no guidance at all (a scale in (0, 1)
+is NOT applied as a weaker guidance; sample with labels=None for the unconditional model).
 The defaults are REPA's best setting minus the guidance scale: ``sample(..., cfg_scale=1.8)``
 is the FID 1.42 setting (SDE, 250 steps, cfg 1.8, guidance interval [0, 0.7]).
 """
@@ -93,12 +95,13 @@ def guided_velocity(
 ) -> torch.Tensor:
     """The (possibly guided) velocity at time ``t`` for the batch x (B, ...), returned as x's dtype.
 
-    With ``cfg_scale != 1`` and ``guidance_low <= t <= guidance_high`` the model runs once on
+    With ``cfg_scale > 1`` and ``guidance_low <= t <= guidance_high`` the model runs once on
     ``[x, x]`` with labels ``[labels, null_label]`` and the result is v_u + cfg_scale (v_c - v_u);
-    otherwise it is the plain conditional velocity model_fn(x, t, labels).
+    otherwise (any scale <= 1, as in REPA's reference) it is the plain conditional velocity
+    model_fn(x, t, labels).
     """
     b = x.shape[0]
-    guide = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
+    guide = cfg_scale > 1.0 and guidance_low <= t <= guidance_high  # the reference: only above 1
     if not guide:
         t_in = torch.full((b,), t, dtype=x.dtype, device=x.device)  # (B,)
         return model_fn(x, t_in, labels).to(x.dtype)  # (B, ...)
@@ -173,7 +176,8 @@ def sample(
         method: ``"ode"`` or ``"sde"`` (Euler-Maruyama; see the module docstring for the exact update).
         solver: ``"euler"`` or ``"heun"`` (ODE only).
         steps: number of grid intervals (model evaluations, doubled inside the guidance interval).
-        cfg_scale: guidance scale; 1.0 means no guidance (and no doubled batch).
+        cfg_scale: guidance scale; guidance (and the doubled batch) only when > 1, as in the
+            reference: any scale <= 1 samples the plain conditional model.
         guidance_low, guidance_high: guidance only for steps starting at t in this interval.
         null_label: the unconditional label; defaults to ``num_classes`` of the model (or of the
             object a bound method belongs to) when it has one.

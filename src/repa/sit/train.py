@@ -47,13 +47,14 @@ from ..cache import is_feature_cache
 from ..errors import CacheMismatchError, CheckpointError, ConfigError, WeightsNotFoundError, require
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_save,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
+    save_checkpoint,
+    clean_stale_temp_files,
 )
 from .configs import CONFIGS, FIELD_NAMES, MIXED_PRECISION, TrainConfig, build_model, model_names, resolve_config
 from .data import DataInfo, encode_moments, images_to_model_input, load_vae, open_dataset, sample_latents
@@ -199,12 +200,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--sample-cfg", "guidance scale for the grid (1 = none)", type=float)
     add(g, "--tensorboard", "also log to TensorBoard (needs the tensorboard package)", action="store_true")
     add(g, "--resume", "continue from a checkpoint: a file, a run folder, or 'latest' (this run's newest)")
+    add(
+        g,
+        "--init-from",
+        "start from an official REPA checkpoint (released last.pt or a train.py checkpoint): SiT, EMA and "
+        "projectors; a train.py checkpoint's args set model, encoder, depth, path, ... unless flags say otherwise",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- ``--config`` <- the flags given on the command line."""
     given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    if given.get("init_from") and not given.get("resume"):
+        from .official import official_train_settings
+
+        # the checkpoint's settings sit between --config and the flags
+        given = {**official_train_settings(given["init_from"]), **given}
     return resolve_config(getattr(args, "config", None), given)
 
 
@@ -692,6 +704,11 @@ def _train(
     amp_dtype, scaler = precision_settings(cfg.mixed_precision, device)
     path = get_path(cfg.path_type)
 
+    if cfg.init_from and resume_path is None:  # an official REPA checkpoint: SiT, EMA, projectors
+        from .official import init_from_official
+
+        init_from_official(cfg.init_from, model, reg, ema, encoder_depth=None)
+
     # ---------------------------------------------------------------- resume
     start_step = 0
     if resume_path is not None:
@@ -735,6 +752,7 @@ def _train(
     writer = None
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(run_dir)  # unfinished checkpoint writes of a killed process
         (run_dir / "config.json").write_text(
             json.dumps({"config": cfg.to_dict(), "data": info.to_dict(), "world_size": world}, indent=2)
         )
@@ -767,7 +785,7 @@ def _train(
         rng_states = all_gather_objects(dist_info, capture_rng_state())
         target = checkpoint_path(run_dir, step)
         if dist_info.is_main:
-            atomic_save(
+            save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "step": step,
