@@ -17,6 +17,14 @@ tokens on 28x28 images) on the same seeds, data order, noise and number of steps
 - ``random-teacher``: the control, REPA towards a randomly initialized ``fmnist-vit`` (does the
   gain come from good features or from any extra target?).
 
+Encoder-free arms, chosen with ``--arms`` (e.g. ``--arms vanilla,repa,dispersive,sra,repa-dispersive``):
+
+- ``dispersive``: :class:`repa.DispersiveRegularizer` (arXiv 2506.09027) at the paper's defaults:
+  InfoNCE-L2, weight 0.5, temperature 0.5, block depth // 4 (``blocks.0`` of 6);
+- ``sra``: :class:`repa.SelfAlignmentRegularizer` (arXiv 2505.02831): block 2 aligned with the
+  EMA model's block 4 at t - U(0, 0.2), smooth-L1 (beta 0.05), weight 0.2;
+- ``repa-dispersive``: the ``repa`` arm plus the ``dispersive`` term.
+
 The evaluator is independent of the teacher: a small CNN classifier trained here on the labels
 (its test accuracy is reported), whose 128-d penultimate features define the Frechet distance
 (FD) between ``--samples`` class-balanced samples of the EMA model and the whole test set. The
@@ -54,13 +62,20 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
 
-ARMS = ("vanilla", "repa", "repa-stop", "random-teacher")
+ARMS = ("vanilla", "repa", "repa-stop", "random-teacher", "dispersive", "sra", "repa-dispersive")
+#: the arms run when --arms is not given (the encoder-free arms are chosen with --arms)
+DEFAULT_ARMS = ("vanilla", "repa", "repa-stop", "random-teacher")
 ARM_LABELS = {
     "vanilla": "vanilla",
     "repa": "REPA",
     "repa-stop": "REPA + stop",
     "random-teacher": "REPA, random teacher",
+    "dispersive": "Dispersive",
+    "sra": "SRA",
+    "repa-dispersive": "REPA + Dispersive",
 }
+#: arms that align to a teacher's precomputed targets, and which teacher
+TEACHER_OF = {"repa": "trained", "repa-stop": "trained", "repa-dispersive": "trained", "random-teacher": "random"}
 TEACHER = "fmnist-vit"
 FORMAT = "repa-convergence/1"
 
@@ -89,7 +104,15 @@ class ConvConfig:
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
     random_teacher_seed: int = 0
-    arms: Tuple[str, ...] = ARMS
+    # encoder-free arms, at their papers' defaults (depths counted from 1; 0 = the paper's rule)
+    disp_weight: float = 0.5
+    disp_temperature: float = 0.5
+    disp_depth: int = 0
+    sra_weight: float = 0.2
+    sra_student_depth: int = 2
+    sra_teacher_depth: int = 4
+    sra_max_gap: float = 0.2
+    arms: Tuple[str, ...] = DEFAULT_ARMS
     threads: Optional[int] = None
 
     def fingerprint(self) -> str:
@@ -113,7 +136,8 @@ QUICK = dict(seeds=1, steps=200, eval_every=100, samples=1000, sample_steps=6)
 TINY = dict(
     model_kwargs={"depth": 2, "hidden_size": 32, "num_heads": 2},
     steps=6, eval_every=3, seeds=2, batch_size=8, projector_dim=16, encoder_depth=1, samples=40,
-    sample_steps=2, evaluator_epochs=1, train_limit=256, test_limit=200, stop_at=0.5,
+    sample_steps=2, evaluator_epochs=1, train_limit=256, test_limit=200, stop_at=0.5, sra_student_depth=1,
+    sra_teacher_depth=2,
 )
 
 
@@ -248,7 +272,7 @@ def build_teachers(cfg: ConvConfig, data: Dict[str, torch.Tensor], weights: Opti
     from repa.sit.teacher import knn_accuracy
 
     out: Dict[str, Any] = {}
-    need = {"trained": any(a in ("repa", "repa-stop") for a in cfg.arms), "random": "random-teacher" in cfg.arms}
+    need = {kind: any(TEACHER_OF.get(a) == kind for a in cfg.arms) for kind in ("trained", "random")}
     for kind in ("trained", "random"):
         if not need[kind]:
             continue
@@ -317,7 +341,7 @@ def run_arm(
     """
     from tqdm.auto import tqdm
 
-    from repa import REPARegularizer
+    from repa import DispersiveRegularizer, REPARegularizer, SelfAlignmentRegularizer
     from repa.schedules import StopAt
     from repa.sit.configs import build_model
     from repa.sit.ema import EMA
@@ -328,8 +352,8 @@ def run_arm(
                         **cfg.model_kwargs)
     reg = None
     targets = None
-    if arm != "vanilla":
-        teacher = teachers["random" if arm == "random-teacher" else "trained"]
+    if arm in TEACHER_OF:
+        teacher = teachers[TEACHER_OF[arm]]
         targets = teacher["targets"]
         weight: Any = cfg.proj_coeff
         if arm == "repa-stop":
@@ -337,9 +361,17 @@ def run_arm(
         torch.manual_seed(seed + 7919)  # projectors: their own stream, the SiT init stays shared
         reg = REPARegularizer(model, layers=cfg.encoder_depth - 1, encoders={TEACHER: teacher["embed_dim"]},
                               weight=weight, projector_dim=cfg.projector_dim)
-    params = list(model.parameters()) + (list(reg.parameters()) if reg is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    disp = sra = None
+    if arm in ("dispersive", "repa-dispersive"):  # the paper's block: depth // 4, counted from 1
+        depth = cfg.disp_depth or max(1, len(model.blocks) // 4)
+        disp = DispersiveRegularizer(model, layers=depth - 1, weight=cfg.disp_weight, temperature=cfg.disp_temperature)
     ema = EMA({"model": model}, cfg.ema_decay)
+    if arm == "sra":  # the EMA model is the teacher
+        torch.manual_seed(seed + 7919)
+        sra = SelfAlignmentRegularizer(model, ema["model"], cfg.sra_student_depth - 1, cfg.sra_teacher_depth - 1,
+                                       weight=cfg.sra_weight, max_gap=cfg.sra_max_gap)
+    params = list(model.parameters()) + [p for r in (reg, sra) if r is not None for p in r.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     path = get_path("linear")
     images, labels = data["train_images"], data["train_labels"]
     n = images.shape[0]
@@ -365,8 +397,16 @@ def run_arm(
         x_t, v = path.interpolate(x, noise, t)
         pred = model(x_t, t, labels[idx], force_drop_ids=drop)
         loss = velocity_loss(pred, v).mean()
+        align = torch.zeros(())
         if reg is not None:
-            align = reg(features={TEACHER: targets[idx].float()})
+            align = align + reg(features={TEACHER: targets[idx].float()})
+        if disp is not None:
+            align = align + disp()
+        if sra is not None:  # same image, noise and labels at the teacher's lower noise level (a draw after the others)
+            t_lo = (t - cfg.sra_max_gap * torch.rand(x.shape[0], generator=g)).clamp(0.0, 1.0)
+            x_lo, _ = path.interpolate(x, noise, t_lo)
+            align = align + sra(x_lo, t_lo, labels[idx], force_drop_ids=drop)
+        if arm != "vanilla":
             loss = loss + align
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,7 +414,7 @@ def run_arm(
         opt.step()
         ema.update({"model": model}, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step_seconds.append(time.perf_counter() - t0)
-        if reg is not None:
+        if arm != "vanilla":
             align_losses.append(float(align.detach()))
         bar.update(1)
         if step + 1 in evals:
@@ -385,8 +425,9 @@ def run_arm(
             bar.set_postfix(fd=f"{fd:.1f}")
             model.train()
     bar.close()
-    if reg is not None:
-        reg.remove()
+    for r in (reg, disp, sra):
+        if r is not None:
+            r.remove()
     if save_to is not None:
         _save_weights(ema["model"], save_to)
     return {
@@ -570,7 +611,8 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colors = {"vanilla": "#444444", "repa": "#d62728", "repa-stop": "#ff7f0e", "random-teacher": "#1f77b4"}
+    colors = {"vanilla": "#444444", "repa": "#d62728", "repa-stop": "#ff7f0e", "random-teacher": "#1f77b4",
+              "dispersive": "#2ca02c", "sra": "#9467bd", "repa-dispersive": "#8c564b"}
     for arm in ARMS:
         if arm not in s["arms"]:
             continue
@@ -732,7 +774,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": runs,
         "sampler_check": checks,
         "summary": summarize(runs, cfg, {
-            arm: teachers["random" if arm == "random-teacher" else "trained"]["seconds"]
+            arm: teachers[TEACHER_OF[arm]]["seconds"] if arm in TEACHER_OF else 0.0
             for arm in cfg.arms if arm != "vanilla"
         }),
         "total_seconds": time.perf_counter() - t_start,

@@ -19,11 +19,20 @@ from .projectors import build_projector  # noqa: E402
 from .encoders import create_encoder, list_encoders, register_encoder  # noqa: E402
 from .presets import ModelPreset, register_preset  # noqa: E402
 from .regularizer import REPAOutput, REPARegularizer  # noqa: E402
+from .dispersive import DispersiveOutput, DispersiveRegularizer  # noqa: E402
+from .self_alignment import SelfAlignmentOutput, SelfAlignmentRegularizer  # noqa: E402
+from .combine import CombinedOutput, combine  # noqa: E402
 
 __all__ = [
     "__version__",
     "REPARegularizer",
     "REPAOutput",
+    "DispersiveRegularizer",
+    "DispersiveOutput",
+    "SelfAlignmentRegularizer",
+    "SelfAlignmentOutput",
+    "combine",
+    "CombinedOutput",
     "create_encoder",
     "list_encoders",
     "register_encoder",

@@ -13,17 +13,16 @@ clean images (B, N_e, D_e), resampled to the model's grid when they differ -> me
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import __version__
-from .capture import CaptureHook, LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
+from .base import HookedObjective
+from .capture import LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
 from .errors import (
     CaptureError,
     ConfigError,
@@ -38,7 +37,7 @@ from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid
 from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
-from .schedules import Schedule, WeightLike, as_schedule, from_dict, weight_at_step
+from .schedules import WeightLike, from_dict
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
@@ -109,6 +108,12 @@ def _encoder_dim(encoder: Any, name: str) -> int:
     return int(out.shape[-1] if out.ndim == 3 else out.shape[1])
 
 
+def _is_vae(encoder: Any) -> bool:
+    from .encoders.vae import is_autoencoder_kl
+
+    return is_autoencoder_kl(encoder)
+
+
 def _default_name(encoder: Any) -> str:
     name = getattr(encoder, "name", None)
     if isinstance(name, str) and name:
@@ -126,7 +131,7 @@ def _per_layer(value: Any, layer: str, what: str, layers: Sequence[str]) -> Any:
     return value
 
 
-class REPARegularizer(nn.Module):
+class REPARegularizer(HookedObjective):
     """Representation alignment (REPA) as a regularizer attached to any model by forward hooks.
 
     Args:
@@ -213,6 +218,7 @@ class REPARegularizer(nn.Module):
         blocks = self._preset.blocks(base) if self._preset else None
         resolved = resolve_layers(base, layers, blocks=blocks)
         self.layer_names: List[str] = [name for name, _ in resolved]
+        self._setup_weight(weight)
 
         # encoders: frozen, held outside the module tree (never in parameters/state_dict/DDP)
         enc_list, self.encoder_names = self._build_encoders(encoders, encoder_kwargs or {})
@@ -239,10 +245,6 @@ class REPARegularizer(nn.Module):
             for layer, enc in self.pairs
         )
         self.loss_fn = build_loss(loss, loss_options)
-        self.weight_fn = as_schedule(weight)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._step = 0
-        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_step())
 
         self._tokens = {n: self._token_selector(tokens, n, base) for n in self.layer_names}
         self._grids = {}
@@ -282,13 +284,8 @@ class REPARegularizer(nn.Module):
             },
         }
 
-        # capture state (plain attributes: not module state)
-        self._captures: Dict[str, Any] = {}
-        self._ran_without_grad: set = set()
-        self._capture_enabled = True
-        self._handles = [module.register_forward_hook(CaptureHook(name, self)) for name, module in resolved]
-        self._model_ref = [base]  # a list, so the model is not registered as a submodule
-        self._attached_to_compiled = base is not model and hasattr(model, "_orig_mod")
+        # capture state (plain attributes: not module state), shared with the other objectives
+        self._setup_capture(model, base, resolved)
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -311,6 +308,11 @@ class REPARegularizer(nn.Module):
             elif isinstance(enc, int) and not isinstance(enc, bool):
                 name = key or f"encoder{len(built)}"
                 enc = _FeatureOnlyEncoder(name, enc)
+            elif _is_vae(enc):  # a diffusers AutoencoderKL: its encoder's features (SRA^2)
+                from .encoders.vae import VAEEncoder
+
+                enc = VAEEncoder(enc)
+                name = key or enc.name
             elif callable(enc):
                 name = key or _default_name(enc)
             else:
@@ -334,62 +336,20 @@ class REPARegularizer(nn.Module):
             raise ConfigError(f"tokens must be None, a slice or a callable (or a dict layer -> one), got {sel!r}")
         return sel
 
-    @staticmethod
-    def _weight_config(weight: Any) -> Any:
-        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            return float(weight)
-        if isinstance(weight, Schedule):
-            return weight.to_dict()
-        return None  # an arbitrary callable cannot be saved
-
     # ------------------------------------------------------------------ public properties
     @property
     def encoders(self) -> List[Any]:
         """The frozen encoders, in the order of :attr:`encoder_names`."""
         return list(self._encoders)
 
-    @property
-    def config(self) -> Dict[str, Any]:
-        """The JSON-serializable configuration written by :meth:`save_pretrained`."""
-        return json.loads(json.dumps(self._config))
-
-    def weight_at(self, step: Optional[int] = None) -> float:
-        """The alignment weight at ``step`` (default: the current step)."""
-        return weight_at_step(self.weight_fn, self._step if step is None else int(step))
-
     # ------------------------------------------------------------------ capture lifecycle
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator["REPARegularizer"]:
-        """Within this block nothing is captured (e.g. sampling or evaluation forwards)."""
-        previous = self._capture_enabled
-        self._capture_enabled = False
-        try:
-            yield self
-        finally:
-            self._capture_enabled = previous
-
-    def remove(self) -> None:
-        """Detach every hook from the model, including those of token selectors (older Flux). Idempotent."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _on_remove(self) -> None:
+        """Also remove the hooks of token selectors (older Flux) and of a video preset's grid tracker."""
         for selector in self._tokens.values():
             if callable(getattr(selector, "remove", None)):
                 selector.remove()
         if self._grid_tracker is not None:
             self._grid_tracker.remove()
-        self._captures.clear()
-
-    def __enter__(self) -> "REPARegularizer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def clear(self) -> None:
-        """Drop any captured activations without computing a loss."""
-        self._captures.clear()
-        self._ran_without_grad.clear()
 
     def attach_to(self, model: nn.Module, name: str = "repa_projectors") -> nn.Module:
         """Register the projectors as a submodule of ``model``.
@@ -406,35 +366,6 @@ class REPARegularizer(nn.Module):
             raise ConfigError(f"{type(target).__name__} already has an attribute {name!r}; pass another name=")
         target.add_module(name, self.projectors)
         return model
-
-    def _sync_step(self) -> None:
-        self._step = int(self.step.item())
-
-    def _take_captures(self) -> Dict[str, Any]:
-        captures = {}
-        for name in self.layer_names:
-            if name not in self._captures:
-                if name in self._ran_without_grad:
-                    self.clear()
-                    raise CaptureError(
-                        f"layer {name!r} ran with gradients disabled, so nothing was captured: run the model's "
-                        "forward with grad enabled before calling reg(). With activation checkpointing, use "
-                        "use_reentrant=False (reentrant checkpointing runs the forward under no_grad)"
-                    )
-                self.clear()
-                hint = (
-                    "; the regularizer was attached to an already compiled model, whose compiled graph "
-                    "ignores new hooks: attach to the plain model first, then call torch.compile"
-                    if self._attached_to_compiled
-                    else " (hooks removed? call order inverted?)"
-                )
-                raise CaptureError(
-                    f"layer {name!r} has not run since the last reg() call: run the model's forward on x_t "
-                    f"first, then call reg(images){hint}"
-                )
-            captures[name] = self._captures[name]
-        self.clear()
-        return captures
 
     # ------------------------------------------------------------------ the call
     def forward(
@@ -462,16 +393,12 @@ class REPARegularizer(nn.Module):
             the hooked ones and into the projectors.
         """
         captures = self._take_captures()
-        current = self._step if step is None else int(step)
-        weight = weight_at_step(self.weight_fn, current)
-        self._step = current + 1
-        self.step.fill_(self._step)
+        weight = self._advance(step)
 
         if weight == 0.0:
             # skip encoder and projectors; the zero still touches every projector parameter so
             # DDP sees no unused parameters once a stop schedule fires
-            zero = sum(p.sum() for p in self.projectors.parameters()) * 0.0
-            zero = zero if isinstance(zero, torch.Tensor) else torch.zeros(())
+            zero = self._zero()
             return REPAOutput(zero, zero.detach(), 0.0, {}) if return_breakdown else zero
 
         targets = self._targets(images, features, captures)
@@ -659,25 +586,6 @@ class REPARegularizer(nn.Module):
         return msg + "; pass mismatch='interpolate' to resample the targets instead"
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write the projector weights (safetensors, config in its metadata) and a JSON config.
-
-        Projectors sharded by FSDP2 (``fully_shard``; their weights are DTensors) are gathered
-        first, which is a collective: call it on every rank then; rank 0 writes the files.
-        """
-        from safetensors.torch import save_file
-
-        state = self.state_dict()
-        sharded = any(_is_dtensor(v) for v in state.values())
-        tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous() for k, v in state.items()}
-        if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return
-        os.makedirs(directory, exist_ok=True)
-        config = {**self.config, "repa_version": __version__}
-        text = json.dumps(config, indent=2, sort_keys=True)
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"repa_config": text}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w").write(text + "\n"))
-
     @classmethod
     def from_pretrained(
         cls,
@@ -860,26 +768,6 @@ def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_
             if grid_at((r, r)) == tuple(grid_m):
                 return (r, r)
     return None
-
-
-def _is_dtensor(t: Any) -> bool:
-    """True for a distributed tensor (e.g. an FSDP2-sharded weight); without importing it eagerly."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # builds without distributed support
-        return False
-    return isinstance(t, DTensor)
-
-
-def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _is_int(v: Any, low: int = 0) -> bool:

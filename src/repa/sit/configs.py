@@ -70,6 +70,10 @@ def build_model(name: str, **kwargs: Any) -> SiT:
     return create_sit(name, **kwargs)
 
 
+#: the representation objectives ``--regularizer`` combines, in the order they are added
+OBJECTIVES = ("repa", "dispersive", "sra", "vae")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of ``repa train``; field ``foo_bar`` is the flag ``--foo-bar``.
@@ -97,6 +101,18 @@ class TrainConfig:
     encoder_depth: int = 2
     proj_coeff: float = 0.5
     projector_dim: int = 256
+    # representation objectives (repa, dispersive, sra, vae, none; comma-separated to combine)
+    regularizer: str = "repa"
+    disp_weight: float = 0.5
+    disp_variant: str = "infonce-l2"
+    disp_temperature: float = 0.5
+    disp_depth: Optional[int] = None
+    sra_weight: float = 0.2
+    sra_student_depth: Optional[int] = None
+    sra_teacher_depth: Optional[int] = None
+    sra_max_gap: float = 0.2
+    vae_weight: float = 0.5
+    vae_depth: Optional[int] = None
     # objective
     path_type: str = "linear"
     weighting: str = "uniform"
@@ -137,6 +153,28 @@ class TrainConfig:
         """``--enc-type`` split on commas (REPA's reference accepts several encoders)."""
         return [n.strip() for n in self.enc_type.split(",") if n.strip()]
 
+    @property
+    def objectives(self) -> List[str]:
+        """``--regularizer`` split on commas, in a fixed order; ``--no-repa`` removes ``repa``."""
+        names = [n.strip().lower() for n in self.regularizer.split(",") if n.strip()]
+        chosen = [n for n in OBJECTIVES if n in names]
+        return [n for n in chosen if n != "repa" or self.repa]
+
+    def objective_depths(self, num_blocks: int) -> Dict[str, int]:
+        """1-based block depths of the objectives, with the papers' defaults filled in.
+
+        Dispersive: num_blocks // 4 (the paper's JAX runs); SRA: student at --encoder-depth,
+        teacher at twice that (SiT-B/2: 4 -> 8 in the paper), capped at the last block; VAE:
+        --encoder-depth.
+        """
+        student = self.sra_student_depth or self.encoder_depth
+        return {
+            "dispersive": self.disp_depth or max(1, num_blocks // 4),
+            "sra_student": student,
+            "sra_teacher": self.sra_teacher_depth or min(num_blocks, 2 * student),
+            "vae": self.vae_depth or self.encoder_depth,
+        }
+
     def repa_layer(self) -> int:
         """The 0-based block index for ``REPARegularizer(layers=...)``: encoder depth 8 -> 7 (``blocks.7``)."""
         return self.encoder_depth - 1
@@ -147,7 +185,7 @@ class TrainConfig:
         if self.exp_name:
             return self.exp_name
         model = self.model.lower().replace("/", "")
-        return f"{self.config_name}-{model}-{'repa' if self.repa else 'baseline'}"
+        return f"{self.config_name}-{model}-{'+'.join(self.objectives) or 'baseline'}"
 
     @property
     def run_dir(self) -> Path:
@@ -205,7 +243,29 @@ class TrainConfig:
             )
         if self.proj_coeff < 0:
             raise ConfigError(f"--proj-coeff must be >= 0, got {self.proj_coeff} (REPA: 0.5)")
-        if self.repa and not self.encoder_names:
+        names = [n.strip().lower() for n in self.regularizer.split(",") if n.strip()]
+        unknown = [n for n in names if n not in (*OBJECTIVES, "none")]
+        if unknown or not names or ("none" in names and len(names) > 1):
+            raise ConfigError(
+                f"--regularizer {self.regularizer!r} is not valid; use one of {', '.join((*OBJECTIVES, 'none'))} "
+                "or several comma-separated (e.g. repa,dispersive)"
+            )
+        for name in ("disp_depth", "sra_student_depth", "sra_teacher_depth", "vae_depth"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"--{_flag(name)} must be a positive integer (1-based block), got {value!r}")
+        for name in ("disp_weight", "sra_weight", "vae_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.disp_temperature <= 0:
+            raise ConfigError(f"--disp-temperature must be > 0, got {self.disp_temperature} (the paper: 0.5)")
+        if not 0.0 <= self.sra_max_gap <= 1.0:
+            raise ConfigError(f"--sra-max-gap must lie in [0, 1], got {self.sra_max_gap} (the paper: 0.2)")
+        from ..dispersive import DISPERSIVE_VARIANTS
+
+        if self.disp_variant not in DISPERSIVE_VARIANTS:
+            raise ConfigError(f"--disp-variant {self.disp_variant!r} is not valid; choose from {', '.join(DISPERSIVE_VARIANTS)}")
+        if self.repa and "repa" in names and not self.encoder_names:
             raise ConfigError("--enc-type is empty; name an encoder (e.g. dinov2-vit-b) or pass --no-repa")
         if self.enc_weights is not None and len(self.encoder_names) != 1:
             raise ConfigError(

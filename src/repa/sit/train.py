@@ -173,6 +173,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--proj-coeff", "lambda, the alignment loss weight (REPA: 0.5)", type=float)
     add(g, "--projector-dim", "hidden width of the MLP projector (REPA: 2048)", type=int)
 
+    g = parser.add_argument_group("representation objectives (no pretrained encoder needed: dispersive, sra, vae)")
+    add(
+        g,
+        "--regularizer",
+        "repa, dispersive (arXiv 2506.09027), sra (self-alignment to the EMA model, arXiv 2505.02831), vae (the VAE's "
+        "latent as teacher, arXiv 2601.17830; latent runs only) or none; comma-separated to combine, e.g. repa,dispersive",
+    )
+    add(g, "--disp-weight", "Dispersive Loss weight lambda (paper: 0.5)", type=float)
+    add(g, "--disp-variant", "infonce-l2 (paper default), infonce-cosine, hinge, covariance")
+    add(g, "--disp-temperature", "Dispersive Loss temperature tau (paper: 0.5)", type=float)
+    add(g, "--disp-depth", "block for the Dispersive Loss, counted from 1 (default: depth // 4, the paper's)", type=int)
+    add(g, "--sra-weight", "SRA loss weight (paper: 0.2 with smooth-L1)", type=float)
+    add(g, "--sra-student-depth", "SRA student block, counted from 1 (default: --encoder-depth)", type=int)
+    add(g, "--sra-teacher-depth", "SRA teacher block of the EMA model, from 1 (default: twice the student's)", type=int)
+    add(g, "--sra-max-gap", "SRA teacher time t - U(0, gap) (paper: 0.2)", type=float)
+    add(g, "--vae-weight", "weight of the alignment to the VAE latent", type=float)
+    add(g, "--vae-depth", "block aligned to the VAE latent, counted from 1 (default: --encoder-depth)", type=int)
+
     g = parser.add_argument_group("objective")
     add(g, "--path-type", "interpolant path", choices=list(PATHS))
     add(g, "--weighting", "training-time distribution", choices=list(TIME_SAMPLERS))
@@ -341,8 +359,8 @@ def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset,
     """
     from ..cache import CachedFeatureDataset
 
-    names = cfg.encoder_names if cfg.repa else []
-    if cfg.repa and cfg.enc_weights is not None:
+    names = cfg.encoder_names if "repa" in cfg.objectives else []
+    if "repa" in cfg.objectives and cfg.enc_weights is not None:
         raise ConfigError(
             f"--enc-weights {cfg.enc_weights!r} has no effect with a feature cache ({cfg.data}): its targets were "
             "computed when the cache was built (see its index.json); drop --enc-weights, or build a cache with "
@@ -554,6 +572,14 @@ def _truncate_log(log_file: Path, step: int) -> None:
     os.replace(tmp, log_file)
 
 
+def _describe(obj: nn.Module) -> str:
+    """A short description of an objective for the start-up line."""
+    names = getattr(obj, "layer_names", [])
+    if hasattr(obj, "teacher_layer"):
+        return f"{obj.student_layer} -> EMA {obj.teacher_layer}"
+    return ", ".join(names)
+
+
 def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
@@ -595,6 +621,94 @@ def _write_sample_grid(
     nrow = info.num_classes if info.num_classes <= 16 else int(math.ceil(math.sqrt(n)))
     grid = make_grid(to_uint8(x), nrow=min(nrow, n))
     save_png(grid, path)
+
+
+def _build_objectives(cfg: TrainConfig, model: nn.Module, info: DataInfo) -> Dict[str, nn.Module]:
+    """The objectives of ``--regularizer`` other than REPA and SRA (SRA needs the EMA model first)."""
+    from .. import DispersiveRegularizer, REPARegularizer
+
+    depths = cfg.objective_depths(len(model.blocks))
+    for name, depth in depths.items():
+        if not 1 <= depth <= len(model.blocks):
+            raise ConfigError(
+                f"the {name.replace('_', ' ')} depth {depth} is outside the model's {len(model.blocks)} blocks; "
+                f"use 1..{len(model.blocks)}"
+            )
+    out: Dict[str, nn.Module] = {}
+    if "dispersive" in cfg.objectives:
+        out["dispersive"] = DispersiveRegularizer(
+            model,
+            layers=depths["dispersive"] - 1,
+            weight=cfg.disp_weight,
+            variant=cfg.disp_variant,
+            temperature=cfg.disp_temperature,
+        )
+    if "vae" in cfg.objectives:
+        if info.kind == "pixels":
+            raise ConfigError(
+                "--regularizer vae aligns a block with the VAE's latent of the clean image, so it needs a latent "
+                "run: pass --vae with an image folder, or --data with prepared latents (pixel runs have no VAE)"
+            )
+        # targets: the VAE posterior mean (B, c, h, w), read from the moments every latent step already has
+        torch.manual_seed(cfg.seed + 2)
+        out["vae"] = REPARegularizer(
+            model,
+            layers=depths["vae"] - 1,
+            encoders={"vae-latent": info.input_channels},
+            weight=cfg.vae_weight,
+            projector_dim=cfg.projector_dim,
+        )
+    return out
+
+
+def _build_sra(cfg: TrainConfig, model: nn.Module, ema_model: nn.Module) -> nn.Module:
+    """SRA on the training model with the EMA model as teacher (``--regularizer sra``)."""
+    from .. import SelfAlignmentRegularizer
+
+    depths = cfg.objective_depths(len(model.blocks))
+    torch.manual_seed(cfg.seed + 3)
+    return SelfAlignmentRegularizer(
+        model,
+        ema_model,
+        student_layer=depths["sra_student"] - 1,
+        teacher_layer=depths["sra_teacher"] - 1,
+        weight=cfg.sra_weight,
+        max_gap=cfg.sra_max_gap,
+    )
+
+
+def _objective_terms(
+    objectives: Dict[str, nn.Module],
+    cfg: TrainConfig,
+    *,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    drop: torch.Tensor,
+    moments: Optional[torch.Tensor],
+    path: Any,
+    g: torch.Generator,
+    rows: slice,
+    channels: int,
+) -> Dict[str, Any]:
+    """One step's breakdown of every non-REPA objective (each with ``.total`` and ``.loss``).
+
+    SRA's teacher time t - U(0, gap) is drawn for the whole global batch from the step's
+    generator, after every other draw of the step, so runs without SRA are unchanged.
+    """
+    terms: Dict[str, Any] = {}
+    for name, obj in objectives.items():
+        if name == "dispersive":
+            terms[name] = obj(return_breakdown=True)
+        elif name == "sra":
+            u = torch.rand(cfg.batch_size, generator=g, device=t.device)[rows]  # (b,)
+            t_lo = (t - cfg.sra_max_gap * u).clamp(0.0, 1.0)  # (b,) a lower noise level
+            x_lo, _ = path.interpolate(x, noise, t_lo)  # (b, C, h, w): same image and noise
+            terms[name] = obj(x_lo, t_lo, y, force_drop_ids=drop, return_breakdown=True)
+        elif name == "vae":
+            terms[name] = obj(features=moments[:, :channels], return_breakdown=True)  # posterior mean (b, c, h, w)
+    return terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,7 +823,7 @@ def _train(
     )
     model = build_model(cfg.model, **model_kwargs).to(device)
     reg = None
-    if cfg.repa:
+    if "repa" in cfg.objectives:
         from .. import REPARegularizer
 
         if not 1 <= cfg.encoder_depth <= len(model.blocks):
@@ -734,11 +848,21 @@ def _train(
             weight=cfg.proj_coeff,
             projector_dim=cfg.projector_dim,
         ).to(device)
+    objectives = _build_objectives(cfg, model, info)  # dispersive, vae
+    objectives = {k: v.to(device) for k, v in objectives.items()}
     ema_sources: Dict[str, nn.Module] = {"model": model}
     if reg is not None:
         ema_sources["projectors"] = reg.projectors
+    if "vae" in objectives:
+        ema_sources["vae_projectors"] = objectives["vae"].projectors
     ema = EMA(ema_sources, cfg.ema_decay)
-    params = [*model.parameters(), *(reg.parameters() if reg is not None else [])]
+    if "sra" in cfg.objectives:  # the EMA model is SRA's teacher
+        objectives["sra"] = _build_sra(cfg, model, ema["model"]).to(device)
+    params = [
+        *model.parameters(),
+        *(reg.parameters() if reg is not None else []),
+        *(p for obj in objectives.values() for p in obj.parameters()),
+    ]
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
@@ -757,6 +881,7 @@ def _train(
     # ---------------------------------------------------------------- resume
     start_step = 0
     acc = torch.zeros(6, dtype=torch.float64, device=device)  # log sums: loss, denoise, align, cos, grad norm, count
+    obj_acc = torch.zeros(len(objectives), dtype=torch.float64, device=device)  # each objective's unweighted loss
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         _check_resume_compatible(ckpt["config"], cfg, resume_path)
@@ -767,6 +892,8 @@ def _train(
             scaler.load_state_dict(ckpt["scaler"])
             if reg is not None:
                 reg.load_state_dict(ckpt["regularizer"])
+            for name, obj in objectives.items():
+                obj.load_state_dict((ckpt.get("objectives") or {})[name])
         except CheckpointError:  # entries missing: the checkpoint names them
             raise
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -782,6 +909,9 @@ def _train(
         sums = ckpt.get("log_sums") or []
         if len(sums) == world:  # the partial log window before the checkpoint (a resume between log points)
             acc.copy_(torch.as_tensor(sums[rank], dtype=torch.float64))
+        obj_sums = ckpt.get("log_sums_objectives") or []
+        if len(obj_sums) == world and obj_sums[rank].numel() == obj_acc.numel():
+            obj_acc.copy_(torch.as_tensor(obj_sums[rank], dtype=torch.float64))
         del ckpt
     else:
         random.seed(cfg.seed + rank)
@@ -796,6 +926,12 @@ def _train(
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if reg is not None:
             ddp_reg = nn.parallel.DistributedDataParallel(reg, device_ids=ids)
+        ddp_objectives = {  # Dispersive Loss has no parameters: nothing to wrap
+            k: nn.parallel.DistributedDataParallel(v, device_ids=ids) if list(v.parameters()) else v
+            for k, v in objectives.items()
+        }
+    else:
+        ddp_objectives = dict(objectives)
 
     # ---------------------------------------------------------------- outputs (rank 0)
     log_file = run_dir / "log.jsonl"
@@ -819,8 +955,9 @@ def _train(
         what = (
             f"REPA on blocks.{cfg.repa_layer()} with {', '.join(reg.encoder_names)}"
             if reg is not None
-            else "no REPA (baseline)"
+            else ("no REPA" if objectives else "no REPA (baseline)")
         )
+        what += "".join(f" + {name} ({_describe(obj)})" for name, obj in objectives.items())
         print(
             f"repa train: {cfg.model} ({n_params / 1e6:.1f}M parameters), {what}; {info.kind} "
             f"{info.input_channels}x{info.input_size}x{info.input_size} from {info.source} ({len(dataset)} items); "
@@ -834,6 +971,7 @@ def _train(
         """Collective: gather every rank's RNG state, rank 0 writes the checkpoint atomically."""
         rng_states = all_gather_objects(dist_info, capture_rng_state())
         log_sums = [t.cpu() for t in all_gather_objects(dist_info, acc.detach().cpu())]  # every rank's open log window
+        obj_log_sums = [t.cpu() for t in all_gather_objects(dist_info, obj_acc.detach().cpu())]
         target = checkpoint_path(run_dir, step)
         failure: Optional[BaseException] = None
         if dist_info.is_main:
@@ -856,7 +994,9 @@ def _train(
                         "regularizer": reg.state_dict() if reg is not None else None,
                         "regularizer_config": reg.config if reg is not None else None,
                         "rng": rng_states,
+                        "objectives": {k: v.state_dict() for k, v in objectives.items()},
                         "log_sums": log_sums,
+                        "log_sums_objectives": obj_log_sums,
                     },
                     target,
                 )
@@ -878,6 +1018,8 @@ def _train(
     model.train()
     if reg is not None:
         reg.train()
+    for obj in objectives.values():
+        obj.train()
     with _StopSignal() as signals:
         epoch = step // steps_per_epoch
         skip = step % steps_per_epoch
@@ -890,6 +1032,7 @@ def _train(
                 t = sample_time(G, cfg.weighting, path=path, generator=g, device=device)[rows]  # (b,)
                 noise = torch.randn((G, *input_shape), generator=g, device=device)[rows]  # (b, C, h, w)
                 drop = (torch.rand(G, generator=g, device=device) < cfg.cfg_prob)[rows].long()  # (b,) 1 = null class
+                moments = None
                 if info.kind == "pixels":
                     x = images_to_model_input(images)  # (b, C, H, W) in [-1, 1]
                 else:
@@ -911,6 +1054,12 @@ def _train(
                         loss = denoise + out.total
                     else:
                         loss = denoise
+                    if ddp_objectives:
+                        terms = _objective_terms(
+                            ddp_objectives, cfg, x=x, noise=noise, t=t, y=y, drop=drop, moments=moments, path=path,
+                            g=g, rows=rows, channels=info.input_channels,
+                        )
+                        loss = loss + sum(term.total for term in terms.values())
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -935,11 +1084,16 @@ def _train(
                         [loss.detach().double(), denoise.detach().double(), align.double(), cos.double(),
                          grad_norm.detach().double(), torch.ones((), dtype=torch.float64, device=device)]
                     )
+                    if objectives:
+                        obj_acc += torch.stack([terms[k].loss.double() for k in objectives])
                 bar.update(1)
 
                 if step % cfg.log_every == 0 or step == cfg.max_train_steps:
                     if dist_info.distributed:
                         dist.all_reduce(acc)
+                        if objectives:
+                            dist.all_reduce(obj_acc)
+                    obj_vals = (obj_acc / acc[5]).tolist() if objectives else []
                     vals = (acc[:5] / acc[5]).tolist()
                     now = time.time()
                     record = {
@@ -954,6 +1108,8 @@ def _train(
                     if reg is not None:
                         record["loss_align"] = vals[2]
                         record["cos_sim"] = vals[3]
+                    for name, value in zip(objectives, obj_vals):
+                        record[f"loss_{name}"] = value
                     if dist_info.is_main:
                         _append_log(log_file, record)
                         if writer is not None:
@@ -962,6 +1118,7 @@ def _train(
                                     writer.add_scalar(f"train/{key}", value, step)
                         bar.set_postfix(loss=f"{vals[1]:.4f}", **({"cos": f"{vals[3]:.3f}"} if reg is not None else {}))
                     acc.zero_()
+                    obj_acc.zero_()
                     t_last, step_last = now, step
 
                 if dist_info.is_main and (step % cfg.sample_every == 0 or step == cfg.max_train_steps):
