@@ -462,6 +462,9 @@ def _resume_source(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
     return path
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT / SIGTERM and use one thread.
 
@@ -472,6 +475,7 @@ def _worker_init(worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _batches while it forked us
     torch.set_num_threads(1)
 
 
@@ -482,7 +486,17 @@ def _batches(loader: DataLoader):
     terminating them with SIGTERM would not work: an iterator kept alive by an exception's
     traceback would leave them waiting, and the interpreter waiting for them at exit.
     """
-    iterator = iter(loader)
+    # A worker inherits the signal mask of the process that forks it. Blocking the stop signals
+    # while the workers start closes the window between the fork and _worker_init, in which a
+    # group signal would kill a new worker (each epoch forks new ones); the main process
+    # receives a signal sent meanwhile as soon as the mask is restored.
+    blocked = loader.num_workers > 0 and threading.current_thread() is threading.main_thread()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if blocked else None
+    try:
+        iterator = iter(loader)
+    finally:
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     try:
         yield from iterator
     finally:
