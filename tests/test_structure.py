@@ -146,3 +146,32 @@ def test_no_function_over_the_line_limit() -> None:
                 if n > MAX_FUNCTION_LINES:
                     long[f"{name}.{node.name} (line {node.lineno})"] = n
     assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_moved_names_keep_their_old_paths() -> None:
+    import repa._distributed as dist_mod
+    import repa._images as images
+    import repa.datasets as datasets
+    import repa.sit.data as old_data
+    import repa.sit.distributed as old_dist
+
+    assert old_data.center_crop is images.center_crop and old_data.IMAGE_EXTENSIONS == images.IMAGE_EXTENSIONS
+    assert old_data.open_dataset is datasets.open_dataset and old_data.DataInfo is datasets.DataInfo
+    assert old_dist.init_distributed is dist_mod.init_distributed
+    from repa import __version__
+    from repa._version import __version__ as version
+
+    assert __version__ == version
+
+
+def test_the_old_latent_folders_warn_toward_repa_cache(tmp_path) -> None:
+    import pytest
+
+    from repa.errors import DataNotFoundError
+    from repa.sit.data import LatentDataset, main
+
+    with pytest.warns(DeprecationWarning, match="repa cache --vae"):
+        with pytest.raises(DataNotFoundError, match="meta.json"):
+            LatentDataset(tmp_path)
+    with pytest.warns(DeprecationWarning, match="repa cache --vae"):
+        assert main(["prepare-latents", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 1

@@ -7,9 +7,8 @@
 Importing ``repa`` loads neither timm nor huggingface-hub and downloads nothing.
 """
 
-__version__ = "0.1.0"
-
-from ._cpu import prefer_passive_openmp  # noqa: E402
+from ._version import __version__
+from ._cpu import prefer_passive_openmp
 
 prefer_passive_openmp()  # the `repa` programs only, before torch loads: see repa/_cpu.py
 

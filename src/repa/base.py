@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .capture import CaptureHook, unwrap_model
 from .errors import CaptureError, StateDictError
 from .schedules import Schedule, WeightLike, as_schedule, weight_at_step

@@ -171,14 +171,14 @@ def bytes_per_image(encoder: str, resolution: int, dtype: Union[str, torch.dtype
 def build_image_dataset(
     path: PathLike, resolution: Optional[int] = None, skip_bad_images: bool = False
 ) -> Tuple[Dataset, Any]:
-    """The dataset of ``--data`` and its :class:`repa.sit.data.DataInfo`, exactly as ``repa train`` reads it.
+    """The dataset of ``--data`` and its :class:`repa.datasets.DataInfo`, exactly as ``repa train`` reads it.
 
-    Delegates to :func:`repa.sit.data.open_dataset`: an image folder (class subfolders are the
+    Delegates to :func:`repa.datasets.open_dataset`: an image folder (class subfolders are the
     labels, ADM center crop to ``resolution``), an IDX folder (Fashion-MNIST, native size), or a
     prepared latent folder (its moments are cached too). Items are dicts with ``"image"`` uint8
     (C, H, W), ``"y"`` and possibly ``"moments"``.
     """
-    from .sit.data import open_dataset
+    from .datasets import open_dataset
 
     return open_dataset(path, resolution=resolution, skip_bad_images=skip_bad_images)
 
@@ -406,7 +406,7 @@ def build_cache(
     Under ``torchrun`` every rank calls this; rank ``r`` builds the shards ``i % world == r``
     and rank 0 writes ``index.json`` after a barrier. Returns this process's report.
     """
-    from .sit.distributed import barrier, init_distributed, shutdown_distributed
+    from ._distributed import barrier, init_distributed, shutdown_distributed
 
     t0 = time.time()
     names = _parse_encoders(encoders)
@@ -582,7 +582,7 @@ def _build_shards(
         )
     vae_model = None
     if settings["vae"] is not None:
-        from .sit.data import load_vae
+        from .datasets import load_vae
 
         vae_model = load_vae(settings["vae"], device)
 
@@ -622,7 +622,7 @@ def _build_shards(
             if settings["store_images"]:
                 parts.setdefault("image", []).append(images.cpu())  # (B, C, H, W)
             if vae_model is not None:
-                from .sit.data import encode_moments
+                from .datasets import encode_moments
 
                 parts.setdefault("moments", []).append(encode_moments(vae_model, dev_images).cpu())  # (B, 2c, h, w)
             elif "moments" in batch:
@@ -696,7 +696,7 @@ def _write_index(
     dataset: Dataset,
 ) -> None:
     """Rank 0, after every shard is written: gather the shard records into ``index.json``."""
-    from . import __version__
+    from ._version import __version__
 
     shards, labels = [], []
     for i in range(num_shards):
@@ -1072,8 +1072,8 @@ class CachedFeatureDataset(Dataset):
         return item
 
     def data_info(self) -> Any:
-        """A :class:`repa.sit.data.DataInfo` describing the training input this cache provides."""
-        from .sit.data import LATENT_SCALE, DataInfo
+        """A :class:`repa.datasets.DataInfo` describing the training input this cache provides."""
+        from .datasets import LATENT_SCALE, DataInfo
 
         idx = self.index
         num_classes = int(idx.get("num_classes") or (int(self.labels.max()) + 1 if self.count else 0))

@@ -45,7 +45,7 @@ def _top_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser
         epilog=f"commands:\n{lines}\n\nRun 'repa <command> --help' for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from repa import __version__
+    from repa._version import __version__
 
     parser.add_argument("--version", action="version", version=f"repa {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: REPA_DEBUG=1)")

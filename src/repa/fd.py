@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ._io import atomic_write, atomic_write_text
 from .errors import ConfigError, CorruptImageError, DataNotFoundError, ShapeMismatchError
 from .metrics import feature_stats, frechet_distance_from_stats
 
@@ -73,7 +74,7 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 
 def _list_images(root: Path) -> List[Path]:
-    from .sit.data import IMAGE_EXTENSIONS
+    from ._images import IMAGE_EXTENSIONS
 
     files = sorted(
         Path(d) / f for d, _, names in os.walk(root) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)
@@ -94,13 +95,13 @@ def iter_image_batches(
     """uint8 batches (B, C, H, W) from a folder of images or an ``.npz`` (``arr_0``: (N, H, W[, C])).
 
     ``channels`` is 3 (RGB) or 1 (grayscale; RGB is averaged). ``resolution`` center-crops every
-    image as ADM does (``repa.sit.data.center_crop``); otherwise every image must have one size.
+    image as ADM does (``repa._images.center_crop``); otherwise every image must have one size.
     A file that cannot be decoded raises :class:`CorruptImageError` naming it, or with
     ``skip_bad_images`` is left out with a warning.
     """
     from PIL import Image
 
-    from .sit.data import bad_image_message, center_crop
+    from ._images import bad_image_message, center_crop
 
     path = Path(os.path.expanduser(str(source)))
     if not path.exists():
@@ -267,15 +268,13 @@ def save_stats(path: PathLike, mu: torch.Tensor, sigma: torch.Tensor, meta: Dict
     if path.suffix != ".npz":
         raise ConfigError(f"--save-stats must name an .npz file, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    try:
-        np.savez(tmp, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
-                 repa_fd_meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez appends no suffix
+            np.savez(fh, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
+                     repa_fd_meta=np.array(json.dumps(meta, sort_keys=True)))
+
+    return atomic_write(path, write)
 
 
 def load_stats(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -379,9 +378,7 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(summary, indent=1))
     print(f"{value:.6f}")
     print(
         f"repa fd: FD-{summary['encoder']} ({args.pool} pool) = {value:.4f} between {summary['samples']['count']} samples "
