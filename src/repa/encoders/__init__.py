@@ -11,9 +11,9 @@ huggingface-hub (they load when an encoder is built or its weights are looked up
 
 from .checkpoints import convert_checkpoint, load_encoder_state_dict, read_weights_file, save_encoder_weights
 from .frozen import FrozenEncoder
-from .registry import create_encoder, get_encoder_spec, list_encoders, register_encoder
+from .registry import create_encoder, get_encoder_spec, list_encoders, local_weights_path, register_encoder
 from .spec import EncoderSpec
-from .weights import local_weights_path, locate_weights, repa_home
+from .weights import locate_weights, repa_home
 
 from . import builtin as _builtin  # noqa: F401,E402  (registers the built-in encoders)
 

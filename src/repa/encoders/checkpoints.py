@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Mapping, Union
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..errors import ConfigError, StateDictError, WeightsNotFoundError
 
 __all__ = ["read_weights_file", "convert_checkpoint", "load_encoder_state_dict", "save_encoder_weights"]
@@ -304,18 +305,12 @@ def save_encoder_weights(encoder: nn.Module, path: Union[str, "os.PathLike[str]"
         name = getattr(encoder, "name", None)
         if not name:
             raise ConfigError("save_encoder_weights needs path= for a module without a registry .name")
-        from .weights import local_weights_path
+        from .weights import repa_home
 
-        path = local_weights_path(name)
+        spec = getattr(encoder, "spec", None)  # a FrozenEncoder: its registry name, aliases resolved
+        path = repa_home() / "encoders" / f"{str(getattr(spec, 'name', name)).lower()}.safetensors"
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"encoder": str(getattr(encoder, "name", ""))}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

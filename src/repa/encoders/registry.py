@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -192,3 +193,15 @@ def create_encoder(
     if dev is not None:
         encoder.to(dev)
     return encoder
+
+
+def local_weights_path(name: str) -> Path:
+    """Default local weights file of encoder ``name``: ``$REPA_HOME/encoders/<name>.safetensors``.
+
+    ``create_encoder(name)`` loads it when present (also under a ``.pth`` / ``.pt`` /
+    ``.pth.tar`` / ``.bin`` suffix, original checkpoint layouts included). The Fashion-MNIST
+    teacher ``"fmnist-vit"`` is saved here by its training command.
+    """
+    from .weights import local_weights_file
+
+    return local_weights_file(get_encoder_spec(name))

@@ -42,16 +42,8 @@ def repa_home() -> Path:
     return Path(os.environ.get("REPA_HOME") or "~/.cache/repa").expanduser()
 
 
-def local_weights_path(name: str) -> Path:
-    """Default local weights file of encoder ``name``: ``$REPA_HOME/encoders/<name>.safetensors``.
-
-    ``create_encoder(name)`` loads it when present (also under a ``.pth`` / ``.pt`` /
-    ``.pth.tar`` / ``.bin`` suffix, original checkpoint layouts included). The Fashion-MNIST
-    teacher ``"fmnist-vit"`` is saved here by its training command.
-    """
-    from .registry import get_encoder_spec
-
-    spec = get_encoder_spec(name)
+def local_weights_file(spec: EncoderSpec) -> Path:
+    """Default local weights file of an encoder spec: ``$REPA_HOME/encoders/<name>.safetensors``."""
     return repa_home() / "encoders" / f"{spec.name.lower()}.safetensors"
 
 
