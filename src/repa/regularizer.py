@@ -38,6 +38,7 @@ from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_tar
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
 from .schedules import WeightLike, from_dict
+from ._checks import check_finite_features as _check_finite_features
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput"]
@@ -704,31 +705,6 @@ def _check_nonempty(x: torch.Tensor, what: str) -> None:
         raise ShapeMismatchError(
             f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
             "with at least one item"
-        )
-
-
-def _check_finite_features(features: Dict[str, Any]) -> None:
-    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
-
-    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
-    one pass without the boolean tensor ``isfinite`` would allocate.
-    """
-    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
-    if not tensors:
-        return
-    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
-    if len({e.device for e in extremes}) == 1:
-        values = torch.stack(extremes).tolist()  # a single host sync
-    else:
-        values = [e.tolist() for e in extremes]
-    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
-    if bad:
-        t = tensors[bad[0]].detach().float()
-        raise NonFiniteInputError(
-            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
-            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
-            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
-            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
         )
 
 
