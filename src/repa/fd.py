@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_write, atomic_write_text
+from ._cli import add_hidden_alias
 from .errors import ConfigError, CorruptImageError, DataNotFoundError, ShapeMismatchError
 from .metrics import feature_stats, frechet_distance_from_stats
 
@@ -340,7 +341,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="generated images: a folder or an .npz with arr_0 (N, H, W, C)")
     parser.add_argument("--ref", required=True, help="reference images (folder / .npz) or a stats .npz from --save-stats")
     parser.add_argument("--encoder", default="dinov2-vit-b", help="registry encoder (default: dinov2-vit-b)")
-    parser.add_argument("--weights", default=None, help="local weights file of the encoder")
+    parser.add_argument("--encoder-weights", dest="weights", default=None, help="local weights file of the encoder")
+    add_hidden_alias(parser, "--weights", dest="weights")  # the old name
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random encoder (tests only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random encoder with --no-pretrained")
     parser.add_argument("--pool", choices=list(POOLS), default="mean",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._cli import add_hidden_alias
 from .errors import ConfigError, ShapeMismatchError, require
 from .metrics import cknna, linear_probe
 
@@ -321,7 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t", default="0.25,0.5,0.75", help="noise levels, comma-separated (default: 0.25,0.5,0.75)")
     parser.add_argument("--num-samples", type=int, default=1000, help="images measured, a seeded random subset (default: 1000)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/probe/<step>-<encoder>)")
-    parser.add_argument("--weights", default=None, help="local weights file of the encoder")
+    parser.add_argument("--encoder-weights", dest="weights", default=None, help="local weights file of the encoder")
+    add_hidden_alias(parser, "--weights", dest="weights")  # the old name
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random encoder (tests only)")
     parser.add_argument("--model-weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--topk", type=int, default=10, help="k of CKNNA (default: 10, REPA's)")

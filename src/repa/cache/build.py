@@ -199,6 +199,26 @@ def _existing_fingerprint(out: Path) -> Optional[Tuple[str, str]]:
     return None
 
 
+@dataclass
+class BuildPlan:
+    """Everything a rank needs to build its shards: the dataset, the encoders' records and the settings.
+
+    Made once by :func:`build_cache` from its arguments; the shard builder and the index writer
+    read it instead of a long parameter list.
+    """
+
+    dataset: Dataset
+    out: Path
+    enc_records: List[Dict[str, Any]]
+    specs: List[Any]
+    settings: Dict[str, Any]
+    info: Any
+    fingerprint: str
+    command: str
+    count: int
+    num_shards: int
+
+
 def build_cache(
     data: PathLike,
     out: PathLike,
@@ -248,9 +268,44 @@ def build_cache(
     Under ``torchrun`` every rank calls this; rank ``r`` builds the shards ``i % world == r``
     and rank 0 writes ``index.json`` after a barrier. Returns this process's report.
     """
-    from .._distributed import barrier, init_distributed, shutdown_distributed
+    from .._distributed import init_distributed, shutdown_distributed
 
     t0 = time.time()
+    plan = _plan_build(
+        data, out, encoders, resolution=resolution, dtype=dtype, compute_dtype=compute_dtype, vae=vae,
+        batch_size=batch_size, shard_size=shard_size, weights=weights, pretrained=pretrained, seed=seed,
+        store_images=store_images, skip_bad_images=skip_bad_images,
+    )
+    dist_info = init_distributed(device)
+    report = CacheBuildReport(
+        out=plan.out, count=plan.count, num_shards=plan.num_shards, rank=dist_info.rank, world_size=dist_info.world_size
+    )
+    try:
+        _run_build(plan, dist_info, report, num_workers=num_workers, progress=progress)
+    finally:
+        shutdown_distributed(dist_info)
+    report.seconds = time.time() - t0
+    return report
+
+
+def _plan_build(
+    data: PathLike,
+    out: PathLike,
+    encoders: Union[str, Sequence[str]],
+    *,
+    resolution: Optional[int],
+    dtype: Union[str, torch.dtype],
+    compute_dtype: Union[str, torch.dtype],
+    vae: Optional[str],
+    batch_size: int,
+    shard_size: int,
+    weights: Union[Mapping[str, PathLike], Sequence[str], None],
+    pretrained: bool,
+    seed: int,
+    store_images: bool,
+    skip_bad_images: bool,
+) -> "BuildPlan":
+    """Check the settings, open the dataset and describe the build (same arguments as :func:`build_cache`)."""
     names = _parse_encoders(encoders)
     dtype_name = storage_dtype_name(dtype)
     compute_name = storage_dtype_name(compute_dtype)
@@ -302,6 +357,30 @@ def build_cache(
         "store_images": bool(store_images),
         "batch_size": batch_size,  # not part of the build's identity: targets are per image
     }
+    enc_records = _encoder_records(specs, res, compute_name, weights_map, pretrained, seed)
+    config = {
+        "format": CACHE_FORMAT,
+        "count": count,
+        "resolution": res,
+        "dtype": dtype_name,
+        "shard_size": shard_size,
+        "encoders": [{k: e[k] for k in ("name", "shape", "compute_dtype", "weights")} for e in enc_records],
+        "images": bool(store_images),
+        "vae": vae,
+        "data": {"kind": info.kind, "identity": _data_identity(dataset)},
+    }
+    fingerprint = _fingerprint(config)
+    command = _command_line(settings)
+    return BuildPlan(
+        dataset=dataset, out=out, enc_records=enc_records, specs=specs, settings=settings, info=info,
+        fingerprint=fingerprint, command=command, count=count, num_shards=num_shards,
+    )
+
+
+def _encoder_records(
+    specs: List[Any], res: int, compute_name: str, weights_map: Dict[str, str], pretrained: bool, seed: int
+) -> List[Dict[str, Any]]:
+    """One record per encoder: its shard key, token shape and grid, weights source and spec."""
     enc_records = []
     for k, spec in enumerate(specs):
         h, w = spec.grid(res)
@@ -317,86 +396,56 @@ def build_cache(
                 "spec": spec.to_dict(),
             }
         )
-    config = {
-        "format": CACHE_FORMAT,
-        "count": count,
-        "resolution": res,
-        "dtype": dtype_name,
-        "shard_size": shard_size,
-        "encoders": [{k: e[k] for k in ("name", "shape", "compute_dtype", "weights")} for e in enc_records],
-        "images": bool(store_images),
-        "vae": vae,
-        "data": {"kind": info.kind, "identity": _data_identity(dataset)},
-    }
-    fingerprint = _fingerprint(config)
-    command = _command_line(settings)
+    return enc_records
 
-    dist_info = init_distributed(device)
-    report = CacheBuildReport(out=out, count=count, num_shards=num_shards, rank=dist_info.rank, world_size=dist_info.world_size)
-    try:
-        existing = _existing_fingerprint(out)  # every rank checks, so all stop together on a mismatch
-        if existing is not None and existing[0] != fingerprint:
-            raise CacheMismatchError(
-                f"{str(out)!r} already holds a feature cache built with other settings ({existing[1]}); "
-                f"this run asks for: {command}. Choose another --out, or delete the folder to rebuild it"
-            )
-        if dist_info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        barrier(dist_info)
 
-        mine = list(range(dist_info.rank, num_shards, dist_info.world_size))
-        states = {i: _shard_state(out, i, fingerprint) for i in mine}  # hashes every finished shard
-        pending = [i for i in mine if states[i] != "finished"]
-        report.skipped = [i for i in mine if i not in pending]
-        report.repaired = [i for i in mine if states[i] == "damaged"]
-        for i in report.repaired:
-            _log.warning(
-                "repa cache: %s does not match its record %s (size or sha256): it was damaged after it was "
-                "written; rebuilding it", out / _shard_name(i), _record_name(i),
-            )
-        if progress and dist_info.is_main:
-            per_image = sum(bytes_per_image(n, res, dtype_name) for n in canonical)
-            print(
-                f"repa cache: {count} images at {res}px -> {out}: {_human(per_image)} of {dtype_name} targets per image, "
-                f"{_human(per_image * count)} in all; {num_shards} shard(s) over {dist_info.world_size} process(es), "
-                f"{len(report.skipped)} already finished here",
-                file=sys.stderr,
-            )
-        if pending:
-            _build_shards(
-                dataset, out, pending, enc_records, specs, settings, info, fingerprint, command,
-                count=count, num_workers=num_workers, device=dist_info.device, progress=progress and dist_info.is_main,
-                rank=dist_info.rank, world=dist_info.world_size,
-            )
-        report.built = pending
-        barrier(dist_info)
+def _run_build(plan: BuildPlan, dist_info: Any, report: CacheBuildReport, *, num_workers: int, progress: bool) -> None:
+    """Collective: check the folder, build this rank's unfinished shards, then rank 0 writes the index."""
+    from .._distributed import barrier
 
-        if dist_info.is_main:
-            _write_index(out, num_shards, count, fingerprint, command, enc_records, settings, info, dataset)
-        barrier(dist_info)
-    finally:
-        shutdown_distributed(dist_info)
-    report.seconds = time.time() - t0
-    return report
+    out, fingerprint, command, num_shards, count = plan.out, plan.fingerprint, plan.command, plan.num_shards, plan.count
+    res, dtype_name, canonical = plan.settings["resolution"], plan.settings["dtype"], plan.settings["encoders"]
+    existing = _existing_fingerprint(out)  # every rank checks, so all stop together on a mismatch
+    if existing is not None and existing[0] != fingerprint:
+        raise CacheMismatchError(
+            f"{str(out)!r} already holds a feature cache built with other settings ({existing[1]}); "
+            f"this run asks for: {command}. Choose another --out, or delete the folder to rebuild it"
+        )
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(dist_info)
+
+    mine = list(range(dist_info.rank, num_shards, dist_info.world_size))
+    states = {i: _shard_state(out, i, fingerprint) for i in mine}  # hashes every finished shard
+    pending = [i for i in mine if states[i] != "finished"]
+    report.skipped = [i for i in mine if i not in pending]
+    report.repaired = [i for i in mine if states[i] == "damaged"]
+    for i in report.repaired:
+        _log.warning(
+            "repa cache: %s does not match its record %s (size or sha256): it was damaged after it was "
+            "written; rebuilding it", out / _shard_name(i), _record_name(i),
+        )
+    if progress and dist_info.is_main:
+        per_image = sum(bytes_per_image(n, res, dtype_name) for n in canonical)
+        print(
+            f"repa cache: {count} images at {res}px -> {out}: {_human(per_image)} of {dtype_name} targets per image, "
+            f"{_human(per_image * count)} in all; {num_shards} shard(s) over {dist_info.world_size} process(es), "
+            f"{len(report.skipped)} already finished here",
+            file=sys.stderr,
+        )
+    if pending:
+        _build_shards(plan, pending, num_workers=num_workers, device=dist_info.device,
+                      progress=progress and dist_info.is_main, rank=dist_info.rank, world=dist_info.world_size)
+    report.built = pending
+    barrier(dist_info)
+
+    if dist_info.is_main:
+        _write_index(plan)
+    barrier(dist_info)
 
 
 def _build_shards(
-    dataset: Dataset,
-    out: Path,
-    pending: List[int],
-    enc_records: List[Dict[str, Any]],
-    specs: List[Any],
-    settings: Dict[str, Any],
-    info: Any,
-    fingerprint: str,
-    command: str,
-    *,
-    count: int,
-    num_workers: int,
-    device: torch.device,
-    progress: bool,
-    rank: int,
-    world: int,
+    plan: BuildPlan, pending: List[int], *, num_workers: int, device: torch.device, progress: bool, rank: int, world: int
 ) -> None:
     """Encode and write the shards in ``pending`` (this rank's unfinished ones)."""
     from torch.utils.data import DataLoader
@@ -404,6 +453,8 @@ def _build_shards(
 
     from ..encoders import create_encoder
 
+    dataset, out, enc_records, specs, settings = plan.dataset, plan.out, plan.enc_records, plan.specs, plan.settings
+    count, fingerprint, command = plan.count, plan.fingerprint, plan.command
     S, bs, res = settings["shard_size"], settings["batch_size"], settings["resolution"]
     storage = STORAGE_DTYPES[settings["dtype"]]
     compute = STORAGE_DTYPES[settings["compute_dtype"]]
@@ -526,19 +577,12 @@ def _flush(
     _atomic_json(out / _record_name(i), record, compact=("labels",))
 
 
-def _write_index(
-    out: Path,
-    num_shards: int,
-    count: int,
-    fingerprint: str,
-    command: str,
-    enc_records: List[Dict[str, Any]],
-    settings: Dict[str, Any],
-    info: Any,
-    dataset: Dataset,
-) -> None:
+def _write_index(plan: BuildPlan) -> None:
     """Rank 0, after every shard is written: gather the shard records into ``index.json``."""
     from .._version import __version__
+
+    out, num_shards, count, fingerprint, command = plan.out, plan.num_shards, plan.count, plan.fingerprint, plan.command
+    enc_records, settings, info, dataset = plan.enc_records, plan.settings, plan.info, plan.dataset
 
     shards, labels = [], []
     for i in range(num_shards):

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import ConfigError
+from .._cli import add_hidden_alias
 from .build import build_cache
 from .format import (
     STORAGE_DTYPES,
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", nargs="?", help="the cache folder to verify")
     parser.add_argument("--data", help="image folder (class subfolders = labels), IDX folder, or prepared latent folder")
     parser.add_argument("--encoders", help="comma-separated registry encoders, e.g. dinov2-vit-b,clip-vit-L")
+    add_hidden_alias(parser, "--encoder", dest="encoders")
     parser.add_argument("--out", help="the cache folder to write (re-running continues an unfinished build)")
     parser.add_argument("--resolution", type=int, default=None, help="center-crop size of image folders (e.g. 256)")
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder: also store SD-VAE latent moments")
@@ -34,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype the encoders run in (default: fp32, what training computes online)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: 64)")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default: 1024)")
-    parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+    parser.add_argument("--encoder-weights", dest="weights", action="append", default=[], metavar="NAME=PATH",
                         help="a local weights file for one encoder (repeatable)")
+    add_hidden_alias(parser, "--weights", dest="weights", action="append", metavar="NAME=PATH")  # the old name
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                         help="random encoders seeded by --seed (tests, benchmarks); never for training")
     parser.add_argument("--seed", type=int, default=0, help="seed of random encoders with --no-pretrained (default: 0)")
