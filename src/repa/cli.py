@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("repa.sit.train", "train a SiT with (or without) REPA: the reference recipe"),
     "sample": ("repa.sit.sample", "sample images from a training checkpoint (PNGs + ADM .npz)"),
     "cache": ("repa.cache", "precompute encoder target tokens (and VAE latents) to disk; 'cache verify DIR'"),
-    "probe": ("repa.probe", "measure alignment (CKNNA, linear probe) of a checkpoint's layers"),
+    "probe": ("repa.sit.probe", "measure alignment (CKNNA, linear probe) of a checkpoint's layers"),
     "fd": ("repa.fd", "Frechet distance between two image sets in any registry encoder's feature space"),
 }
 
