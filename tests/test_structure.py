@@ -175,3 +175,31 @@ def test_the_old_latent_folders_warn_toward_repa_cache(tmp_path) -> None:
             LatentDataset(tmp_path)
     with pytest.warns(DeprecationWarning, match="repa cache --vae"):
         assert main(["prepare-latents", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_the_probe_lives_in_the_tools_and_the_recipe_and_keeps_its_old_names() -> None:
+    import math
+
+    import torch
+
+    import repa.probe
+    import repa.probing
+    import repa.sit.probe
+    from repa.probing import _interpolation
+
+    assert repa.probe.probe_alignment is repa.probing.probe_alignment
+    assert repa.probe.main is repa.sit.probe.main and repa.probe.add_arguments is repa.sit.probe.add_arguments
+    x, eps, t = torch.full((1, 2), 2.0), torch.full((1, 2), 4.0), torch.tensor([0.25])
+    assert torch.allclose(_interpolation("linear")(x, eps, t), torch.full((1, 2), 0.75 * 2 + 0.25 * 4))
+    c, s = math.cos(math.pi / 8), math.sin(math.pi / 8)  # t = 0.25 on the cosine path
+    assert torch.allclose(_interpolation("cosine")(x, eps, t), torch.full((1, 2), 2 * c + 4 * s))
+
+
+def test_the_video_cache_keeps_its_old_module_name() -> None:
+    import repa.cache.video
+    import repa.video_cache
+
+    assert repa.video_cache is repa.cache.video
+    from repa.video_cache import build_video_cache
+
+    assert build_video_cache is repa.cache.video.build_video_cache

@@ -141,6 +141,83 @@ def _interpolation(path: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
     return interpolate
 
 
+def _check_probe_inputs(
+    images: torch.Tensor, inputs: Optional[torch.Tensor], labels: Any, ts: Sequence[float], train_fraction: float, topk: int
+) -> Tuple[int, torch.Tensor, List[float], Optional[torch.Tensor]]:
+    """Validate :func:`probe_alignment`'s inputs: (n, the model's clean input x0, the ts, the labels (n,) or None)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ShapeMismatchError(
+            f"images must be a tensor (n, C, H, W), got {tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+        )
+    n = images.shape[0]
+    x0 = inputs if inputs is not None else images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float() * 2 - 1
+    if x0.shape[0] != n:
+        raise ShapeMismatchError(f"inputs has {x0.shape[0]} samples but images has {n}; pass the same samples")
+    ts = [float(t) for t in ts]
+    if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
+        raise ConfigError(f"ts must be noise levels in [0, 1], got {ts}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"train_fraction must lie in (0, 1), got {train_fraction}")
+    if n <= topk:
+        raise ConfigError(f"CKNNA with topk={topk} needs more than {topk} samples, got {n}; pass more images or a smaller topk")
+    y = None
+    if labels is not None:
+        y = torch.as_tensor(np.asarray(labels)).long().view(-1)  # (n,)
+        if y.shape[0] != n:
+            raise ShapeMismatchError(f"labels has {y.shape[0]} entries for {n} images")
+    return n, x0, ts, y
+
+
+def _encoder_features(encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, dev: torch.device,
+                      batch_size: int) -> torch.Tensor:
+    """The encoder's token-averaged features of the clean images, float64 on the CPU: (n, D_e)."""
+    n = images.shape[0]
+    enc_feats = []
+    for s in range(0, n, batch_size):
+        tokens = encoder(images[s : s + batch_size].to(dev))  # (B, N, D)
+        enc_feats.append(_pool(tokens, "encoder").double().cpu())
+    enc = torch.cat(enc_feats)  # (n, D_e)
+
+    return enc
+
+
+def _hidden_states(
+    model: nn.Module, resolved: List[Tuple[str, nn.Module]], x0: torch.Tensor, eps: torch.Tensor, ts: List[float],
+    interpolate: Callable[..., torch.Tensor], forward: Callable[..., Any], dev: torch.device, batch_size: int,
+    progress: bool,
+) -> Dict[Tuple[int, str], List[torch.Tensor]]:
+    """Run the model on x_t at every t with hooks on the layers: {(t index, layer): [(B, D) token averages]}."""
+    n, names = x0.shape[0], [name for name, _ in resolved]
+    captured: Dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda mod, args, out, _name=name: captured.__setitem__(_name, _pool(out, _name)))
+        for name, module in resolved
+    ]
+    was_training = model.training
+    model.eval()
+    hidden: Dict[Tuple[int, str], List[torch.Tensor]] = {}
+    try:
+        from tqdm.auto import tqdm
+
+        steps = [(i, s) for i in range(len(ts)) for s in range(0, n, batch_size)]
+        for i, s in tqdm(steps, desc="probe", unit="batch", disable=not progress):
+            xb = x0[s : s + batch_size].to(dev)
+            tb = torch.full((xb.shape[0],), ts[i], device=dev)  # (B,)
+            x_t = interpolate(xb, eps[s : s + batch_size].to(dev), tb)
+            captured.clear()
+            forward(model, x_t, tb)
+            for name in names:
+                if name not in captured:
+                    raise ConfigError(f"layer {name!r} did not run during the model's forward; probe layers the forward uses")
+                hidden.setdefault((i, name), []).append(captured[name].double().cpu())  # (B, D)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    return hidden
+
+
 @torch.no_grad()
 def probe_alignment(
     model: nn.Module,
@@ -181,67 +258,18 @@ def probe_alignment(
 
     The noise is drawn once per sample, so the curves of different t differ only by t.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ShapeMismatchError(
-            f"images must be a tensor (n, C, H, W), got {tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
-        )
-    n = images.shape[0]
-    x0 = inputs if inputs is not None else images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float() * 2 - 1
-    if x0.shape[0] != n:
-        raise ShapeMismatchError(f"inputs has {x0.shape[0]} samples but images has {n}; pass the same samples")
-    ts = [float(t) for t in ts]
-    if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
-        raise ConfigError(f"ts must be noise levels in [0, 1], got {ts}")
-    if not 0.0 < train_fraction < 1.0:
-        raise ConfigError(f"train_fraction must lie in (0, 1), got {train_fraction}")
-    if n <= topk:
-        raise ConfigError(f"CKNNA with topk={topk} needs more than {topk} samples, got {n}; pass more images or a smaller topk")
-    y = None
-    if labels is not None:
-        y = torch.as_tensor(np.asarray(labels)).long().view(-1)  # (n,)
-        if y.shape[0] != n:
-            raise ShapeMismatchError(f"labels has {y.shape[0]} entries for {n} images")
+    n, x0, ts, y = _check_probe_inputs(images, inputs, labels, ts, train_fraction, topk)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     interpolate = _interpolation(path)
     resolved = resolve_probe_layers(model, layers)
     names = [name for name, _ in resolved]
     forward = forward or _default_forward
 
-    # the encoder's token-averaged features of the clean images
-    enc_feats = []
-    for s in range(0, n, batch_size):
-        tokens = encoder(images[s : s + batch_size].to(dev))  # (B, N, D)
-        enc_feats.append(_pool(tokens, "encoder").double().cpu())
-    enc = torch.cat(enc_feats)  # (n, D_e)
+    enc = _encoder_features(encoder, images, dev, batch_size)  # (n, D_e)
 
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g)  # (n, ...) one draw per sample, reused at every t
-    captured: Dict[str, torch.Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda mod, args, out, _name=name: captured.__setitem__(_name, _pool(out, _name)))
-        for name, module in resolved
-    ]
-    was_training = model.training
-    model.eval()
-    hidden: Dict[Tuple[int, str], List[torch.Tensor]] = {}
-    try:
-        from tqdm.auto import tqdm
-
-        steps = [(i, s) for i in range(len(ts)) for s in range(0, n, batch_size)]
-        for i, s in tqdm(steps, desc="probe", unit="batch", disable=not progress):
-            xb = x0[s : s + batch_size].to(dev)
-            tb = torch.full((xb.shape[0],), ts[i], device=dev)  # (B,)
-            x_t = interpolate(xb, eps[s : s + batch_size].to(dev), tb)
-            captured.clear()
-            forward(model, x_t, tb)
-            for name in names:
-                if name not in captured:
-                    raise ConfigError(f"layer {name!r} did not run during the model's forward; probe layers the forward uses")
-                hidden.setdefault((i, name), []).append(captured[name].double().cpu())  # (B, D)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hidden = _hidden_states(model, resolved, x0, eps, ts, interpolate, forward, dev, batch_size, progress)
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     n_train = int(round(train_fraction * n))
