@@ -378,6 +378,49 @@ def _as_labels(y: ArrayLike, name: str, n: int) -> torch.Tensor:
 _PROBE_OPTIMIZERS = ("lbfgs", "adamw")
 
 
+def _fit_linear_head(
+    xtr: torch.Tensor, ytr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, optimizer: str, epochs: int,
+    lr: float, weight_decay: float, batch_size: int, gen: torch.Generator, progress: bool,
+) -> None:
+    """Fit ``weight`` (C, d) and ``bias`` (C,) in place on (n_train, d) features: L-BFGS or AdamW (see linear_probe)."""
+    dev = xtr.device
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=epochs, desc="linear probe", unit="epoch", disable=not progress)
+    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+        if optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(
+                [weight, bias], lr=lr, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
+                tolerance_grad=1e-9, tolerance_change=1e-12,
+            )
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                logits = F.linear(xtr, weight, bias)  # (n_train, C)
+                loss = F.cross_entropy(logits, ytr) + 0.5 * weight_decay * weight.square().sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            bar.update(epochs)
+        else:
+            opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
+            n = xtr.shape[0]
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(n / batch_size))
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=gen).to(dev)
+                for start in range(0, n, batch_size):
+                    batch = order[start : start + batch_size]
+                    logits = F.linear(xtr[batch], weight, bias)  # (B, C)
+                    loss = F.cross_entropy(logits, ytr[batch])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                bar.update(1)
+    bar.close()
+
+
 def linear_probe(
     train_feats: ArrayLike,
     train_labels: ArrayLike,
@@ -463,41 +506,7 @@ def linear_probe(
     weight = ((torch.rand(num_classes, d, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_()  # (C, d)
     bias = torch.zeros(num_classes, device=dev, requires_grad=True)  # (C,)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=epochs, desc="linear probe", unit="epoch", disable=not progress)
-    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
-        if optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(
-                [weight, bias], lr=lr, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
-                tolerance_grad=1e-9, tolerance_change=1e-12,
-            )
-
-            def closure() -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                logits = F.linear(xtr, weight, bias)  # (n_train, C)
-                loss = F.cross_entropy(logits, ytr) + 0.5 * weight_decay * weight.square().sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            bar.update(epochs)
-        else:
-            opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-            n = xtr.shape[0]
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(n / batch_size))
-            for _ in range(epochs):
-                order = torch.randperm(n, generator=gen).to(dev)
-                for start in range(0, n, batch_size):
-                    batch = order[start : start + batch_size]
-                    logits = F.linear(xtr[batch], weight, bias)  # (B, C)
-                    loss = F.cross_entropy(logits, ytr[batch])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                bar.update(1)
-    bar.close()
+    _fit_linear_head(xtr, ytr, weight, bias, optimizer, epochs, lr, weight_decay, batch_size, gen, progress)
     with torch.no_grad():
         pred = F.linear(xte, weight, bias).argmax(1)  # (n_test,)
     return float((pred == yte).double().mean())

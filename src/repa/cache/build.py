@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import Dataset
 
+from .._io import atomic_write
 from ..errors import CacheMismatchError, ConfigError, CorruptCacheError
 from .format import (
     CACHE_FORMAT,
@@ -30,7 +31,6 @@ from .format import (
     _record_name,
     _sha256_file,
     _shard_name,
-    _tmp_path,
     build_image_dataset,
     bytes_per_image,
     storage_dtype_name,
@@ -132,20 +132,15 @@ def _write_shard(out: Path, i: int, tensors: Dict[str, torch.Tensor], meta: Dict
     from safetensors.torch import save_file
 
     path = out / _shard_name(i)
-    tmp = _tmp_path(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:  # durable before the rename makes it visible
-            os.fsync(fh.fileno())
+
+    def write(tmp: str) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the permissions open() would
-        digest, size = _sha256_file(tmp), tmp.stat().st_size
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return size, digest
+
+    atomic_write(path, write)  # fsync'd before the rename makes it visible
+    return path.stat().st_size, _sha256_file(path)
 
 
 def _shard_state(out: Path, i: int, fingerprint: str, *, checksum: bool = True) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._io import atomic_write_text, temp_path
 from ..errors import (
     CacheMismatchError,
     ConfigError,
@@ -85,7 +86,7 @@ def _sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return temp_path(path)
 
 
 def _atomic_json(path: Path, obj: Dict[str, Any], compact: Sequence[str] = ()) -> None:
@@ -96,16 +97,7 @@ def _atomic_json(path: Path, obj: Dict[str, Any], compact: Sequence[str] = ()) -
     text = json.dumps({k: v for k, v in obj.items() if k not in compact}, indent=1)
     tail = "".join(f',\n "{k}": {json.dumps(obj[k], separators=(",", ":"))}' for k in compact if k in obj)
     text = text[: text.rindex("}")].rstrip() + tail + "\n}\n"
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, text)
 
 
 def _fingerprint(config: Mapping[str, Any]) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._io import atomic_write, atomic_write_text
 from ..errors import (
     CacheMismatchError,
     ConfigError,
@@ -131,16 +132,7 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, text)
 
 
 def _clip_file(i: int) -> str:
@@ -177,6 +169,88 @@ class _BuildLock:
 
 
 # --------------------------------------------------------------------------- building
+def _video_clips(
+    data: PathLike, encoders: Union[str, Sequence[str]], temporal_compression: int, frame_pooling: str,
+    num_frames: Optional[int], dtype: str, frame_chunk: int,
+) -> Tuple[List[str], List[Tuple[str, List[Path]]]]:
+    """Check :func:`build_video_cache`'s settings; the encoder names and the clips (name, frame files) to encode."""
+    names = [n.strip() for n in encoders.split(",")] if isinstance(encoders, str) else list(encoders)
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError("--encoders is empty; pass registry names, e.g. --encoders dinov2-vit-b")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if frame_pooling not in FRAME_POOLING:
+        raise ConfigError(f"frame pooling must be one of {list(FRAME_POOLING)}, got {frame_pooling!r}")
+    if int(frame_chunk) < 1:
+        raise ConfigError(f"frame chunk must be a positive int, got {frame_chunk!r}")
+    clips = list_clips(data)
+    if num_frames is not None:
+        short = [name for name, frames in clips if len(frames) < num_frames]
+        if short:
+            raise ShapeMismatchError(f"clips {short[:5]} have fewer than --num-frames {num_frames} frames")
+        clips = [(name, frames[:num_frames]) for name, frames in clips]
+    for name, frames in clips:  # every clip must fit the VAE's grouping before anything is encoded
+        try:
+            latent_frame_groups(len(frames), temporal_compression)
+        except ShapeMismatchError as exc:
+            raise ShapeMismatchError(f"clip {name!r}: {exc}; or pass --num-frames") from None
+
+    return names, clips
+
+
+def _existing_video_cache(out: Path, fingerprint: str) -> Optional[Dict[str, Any]]:
+    """The finished index of ``out`` when it matches ``fingerprint``; None to (continue to) build; else refuse."""
+    index_path = out / _INDEX
+    if index_path.exists():
+        old = json.loads(index_path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            raise CacheMismatchError(
+                f"{str(out)!r} already holds a video cache made with other settings or data (fingerprint "
+                f"{old.get('fingerprint')} != {fingerprint}); choose another --out or delete that folder"
+            )
+        return old
+    records_here = sorted(out.glob("clip-*.json"))
+    if any(out.iterdir()) and not records_here and not (out / _LOCK).exists():
+        raise CacheMismatchError(f"{str(out)!r} is not empty and holds no video cache; choose an empty --out folder")
+    for path in records_here:  # an unfinished build continues only with its own settings
+        try:
+            other = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            other = None
+        if other != fingerprint:
+            raise CacheMismatchError(
+                f"{str(out)!r} holds an unfinished video cache made with other settings or data ({path.name}: "
+                f"fingerprint {other} != {fingerprint}); re-run the original command, choose another --out, or delete it"
+            )
+
+    return None
+
+
+def _encode_clip(
+    out: Path, i: int, clip: str, frames: List[Path], names: List[str], models: List[Any], fingerprint: str,
+    dev: torch.device, *, frame_size: Optional[Tuple[int, int]], temporal_compression: int, frame_pooling: str,
+    frame_chunk: int, dtype: str,
+) -> Dict[str, Any]:
+    """Encode clip ``i`` with every encoder, write its targets file; returns its record."""
+    video = read_clip(frames, frame_size)  # (T, 3, H, W) uint8
+    tensors = {}
+    shapes = {}
+    for k, (name, enc) in enumerate(zip(names, models)):
+        y = _clip_targets(enc, video, temporal_compression, frame_pooling, frame_chunk, dev)  # (T_lat, N, D)
+        if not bool(torch.isfinite(y).all()):
+            raise CorruptCacheError(f"encoder {name!r} gave non-finite targets for clip {clip!r}")
+        tensors[f"features.{k}"] = y.to(_DTYPES[dtype]).cpu().contiguous()
+        grid = enc.grid(tuple(video.shape[-2:]))
+        shapes[name] = {"shape": list(y.shape), "grid": [y.shape[0], *grid]}
+    size, digest = _write_clip(out / _clip_file(i), tensors, {"clip": clip, "fingerprint": fingerprint})
+    rec = {
+        "index": i, "clip": clip, "file": _clip_file(i), "frames": len(frames), "bytes": size,
+        "sha256": digest, "fingerprint": fingerprint, "targets": shapes,
+    }
+    return rec
+
+
 def build_video_cache(
     data: PathLike,
     out: PathLike,
@@ -211,28 +285,7 @@ def build_video_cache(
     """
     from ..encoders import create_encoder
 
-    names = [n.strip() for n in encoders.split(",")] if isinstance(encoders, str) else list(encoders)
-    names = [n for n in names if n]
-    if not names:
-        raise ConfigError("--encoders is empty; pass registry names, e.g. --encoders dinov2-vit-b")
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if frame_pooling not in FRAME_POOLING:
-        raise ConfigError(f"frame pooling must be one of {list(FRAME_POOLING)}, got {frame_pooling!r}")
-    if int(frame_chunk) < 1:
-        raise ConfigError(f"frame chunk must be a positive int, got {frame_chunk!r}")
-    clips = list_clips(data)
-    if num_frames is not None:
-        short = [name for name, frames in clips if len(frames) < num_frames]
-        if short:
-            raise ShapeMismatchError(f"clips {short[:5]} have fewer than --num-frames {num_frames} frames")
-        clips = [(name, frames[:num_frames]) for name, frames in clips]
-    for name, frames in clips:  # every clip must fit the VAE's grouping before anything is encoded
-        try:
-            latent_frame_groups(len(frames), temporal_compression)
-        except ShapeMismatchError as exc:
-            raise ShapeMismatchError(f"clip {name!r}: {exc}; or pass --num-frames") from None
-
+    names, clips = _video_clips(data, encoders, temporal_compression, frame_pooling, num_frames, dtype, frame_chunk)
     weights = dict(weights or {})
     settings = {
         "format": VIDEO_CACHE_FORMAT,
@@ -251,28 +304,9 @@ def build_video_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / _INDEX
-    if index_path.exists():
-        old = json.loads(index_path.read_text())
-        if old.get("fingerprint") != fingerprint:
-            raise CacheMismatchError(
-                f"{str(out)!r} already holds a video cache made with other settings or data (fingerprint "
-                f"{old.get('fingerprint')} != {fingerprint}); choose another --out or delete that folder"
-            )
+    old = _existing_video_cache(out, fingerprint)
+    if old is not None:
         return old
-    records_here = sorted(out.glob("clip-*.json"))
-    if any(out.iterdir()) and not records_here and not (out / _LOCK).exists():
-        raise CacheMismatchError(f"{str(out)!r} is not empty and holds no video cache; choose an empty --out folder")
-    for path in records_here:  # an unfinished build continues only with its own settings
-        try:
-            other = json.loads(path.read_text()).get("fingerprint")
-        except (OSError, ValueError):
-            other = None
-        if other != fingerprint:
-            raise CacheMismatchError(
-                f"{str(out)!r} holds an unfinished video cache made with other settings or data ({path.name}: "
-                f"fingerprint {other} != {fingerprint}); re-run the original command, choose another --out, or delete it"
-            )
-
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _BuildLock(out):
         built = []
@@ -296,21 +330,9 @@ def build_video_cache(
                     if bar:
                         bar.update(1)
                     continue
-            video = read_clip(frames, frame_size)  # (T, 3, H, W) uint8
-            tensors = {}
-            shapes = {}
-            for k, (name, enc) in enumerate(zip(names, models)):
-                y = _clip_targets(enc, video, temporal_compression, frame_pooling, frame_chunk, dev)  # (T_lat, N, D)
-                if not bool(torch.isfinite(y).all()):
-                    raise CorruptCacheError(f"encoder {name!r} gave non-finite targets for clip {clip!r}")
-                tensors[f"features.{k}"] = y.to(_DTYPES[dtype]).cpu().contiguous()
-                grid = enc.grid(tuple(video.shape[-2:]))
-                shapes[name] = {"shape": list(y.shape), "grid": [y.shape[0], *grid]}
-            size, digest = _write_clip(out / _clip_file(i), tensors, {"clip": clip, "fingerprint": fingerprint})
-            rec = {
-                "index": i, "clip": clip, "file": _clip_file(i), "frames": len(frames), "bytes": size,
-                "sha256": digest, "fingerprint": fingerprint, "targets": shapes,
-            }
+            rec = _encode_clip(out, i, clip, frames, names, models, fingerprint, dev, frame_size=frame_size,
+                               temporal_compression=temporal_compression, frame_pooling=frame_pooling,
+                               frame_chunk=frame_chunk, dtype=dtype)
             _atomic_write_text(record_path, json.dumps(rec, sort_keys=True))
             records.append(rec)
             built.append(clip)
@@ -348,17 +370,8 @@ def _clip_targets(
 def _write_clip(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> Tuple[int, str]:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"repa": json.dumps({"format": VIDEO_CACHE_FORMAT, **meta})})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        size, digest = tmp.stat().st_size, _sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return size, digest
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"repa": json.dumps({"format": VIDEO_CACHE_FORMAT, **meta})}))
+    return path.stat().st_size, _sha256(path)
 
 
 # --------------------------------------------------------------------------- reading
