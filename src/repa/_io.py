@@ -39,8 +39,11 @@ def atomic_write(path: PathLike, write: Callable[[str], Any], *, fsync: bool = T
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:  # pragma: no cover - the folder vanished or became read-only: keep the first error
+            pass
     return path
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_write as _atomic_write  # the package's one atomic write
 from ._version import __version__
 from .capture import CaptureHook, unwrap_model
 from .errors import CaptureError, StateDictError
@@ -224,17 +225,6 @@ def _is_dtensor(t: Any) -> bool:
     except ImportError:  # builds without distributed support
         return False
     return isinstance(t, DTensor)
-
-
-def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def model_base(model: nn.Module) -> nn.Module:

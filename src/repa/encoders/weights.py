@@ -26,7 +26,7 @@ from .spec import EncoderSpec
 
 __all__ = [
     "repa_home",
-    "local_weights_path",
+    "local_weights_file",
     "locate_weights",
     "resolve_weights",
     "hub_offline",

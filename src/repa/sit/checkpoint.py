@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..errors import CheckpointError, CheckpointWriteError, UnsafeCheckpointError
 
 __all__ = [
@@ -89,13 +90,9 @@ def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, str], No
     temporary file is left hidden, named ``.<name>.tmp<pid>`` (see :func:`clean_stale_temp_files`).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        (save or torch.save)(obj, str(tmp))
-        with open(tmp, "rb+") as fh:  # make the bytes durable before the rename makes them visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: (save or torch.save)(obj, tmp))  # fsync'd before the rename
     except Exception as exc:  # OSError (ENOSPC, EFBIG), or torch's RuntimeError wrapping a failed write
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointWriteError(
@@ -103,12 +100,6 @@ def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, str], No
             "checkpoints are kept. Free disk space (or raise the quota / file size limit) and continue with "
             "--resume latest"
         ) from exc
-    finally:
-        try:
-            if tmp.exists():
-                tmp.unlink()
-        except OSError:  # pragma: no cover - the folder vanished or became read-only
-            pass
     return path
 
 

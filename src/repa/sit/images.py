@@ -9,6 +9,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..errors import ConfigError, ShapeMismatchError
 
 __all__ = ["PIXEL_ROUNDINGS", "to_uint8", "to_hwc3", "make_grid", "save_png"]
@@ -65,11 +66,4 @@ def save_png(array: np.ndarray, path: Union[str, "os.PathLike[str]"]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode=None)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), fsync=False)
