@@ -20,6 +20,7 @@ base class holds exactly that, so each objective is one small class on top:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -76,8 +77,11 @@ class HookedObjective(nn.Module):
     # ------------------------------------------------------------------ public properties
     @property
     def config(self) -> Dict[str, Any]:
-        """The JSON-serializable configuration written by :meth:`save_pretrained`."""
-        return json.loads(json.dumps(self._config))
+        """The JSON-serializable configuration written by :meth:`save_pretrained` (a copy)."""
+        settings = self._config
+        if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+            settings = dataclasses.asdict(settings)
+        return json.loads(json.dumps(settings))
 
     def weight_at(self, step: Optional[int] = None) -> float:
         """The objective's weight at ``step`` (default: the current step)."""

@@ -13,16 +13,27 @@ clean images (B, N_e, D_e), resampled to the model's grid when they differ -> me
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .base import HookedObjective
-from .capture import LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
+from .capture import LayersLike, infer_model_dim, resolve_layers, unwrap_model
+from .config import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    REPAConfig,
+    check_input_range,
+    check_mismatch,
+    check_resample,
+    check_target_norm,
+    read_saved_config,
+)
 from .errors import (
     CaptureError,
     ConfigError,
@@ -34,22 +45,22 @@ from .errors import (
     StateDictError,
 )
 from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
-from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
+from .losses import build_loss, loss_option_keys, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
 from .schedules import WeightLike, from_dict
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
-__all__ = ["REPARegularizer", "REPAOutput"]
+__all__ = ["REPARegularizer", "REPAOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
 
-CONFIG_NAME = "repa_config.json"
-WEIGHTS_NAME = "repa_projectors.safetensors"
+logger = logging.getLogger("repa")
 
 EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
-# keyword options of the pieces, accepted as constructor keywords
-_LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
-_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS, *VIDEO_OPTION_KEYS]
+
+def _option_keys() -> List[str]:
+    """Keyword options of the pieces accepted as constructor keywords (losses registered later included)."""
+    return ["kernel_size", "target_norm", "alpha", *loss_option_keys(), *VIDEO_OPTION_KEYS]
 
 
 class REPAOutput(NamedTuple):
@@ -157,8 +168,9 @@ class REPARegularizer(HookedObjective):
         mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
             raises :class:`~repa.errors.GridMismatchError`.
         input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
-        hidden_dim: width of the hooked outputs (int or dict layer -> int) when it cannot be
-            inferred from the hooked module's parameters.
+        model_dim: width of the hooked outputs (int or dict layer -> int) when it cannot be
+            inferred from the hooked module's parameters. ``hidden_dim=`` is its deprecated
+            name (0.1.0).
         encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
         resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
             (resample projected model tokens to the encoder grid, as U-REPA does).
@@ -186,24 +198,29 @@ class REPARegularizer(HookedObjective):
         grid: Any = None,
         mismatch: str = "interpolate",
         input_range: Tuple[float, float] = (0.0, 1.0),
-        hidden_dim: Union[int, Dict[str, int], None] = None,
+        model_dim: Union[int, Dict[str, int], None] = None,
         encoder_kwargs: Optional[Dict[str, Any]] = None,
         resample: Optional[str] = None,
         check_inputs: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(_OPTION_KEYS))
+        if "hidden_dim" in options:  # the name of 0.1.0
+            if model_dim is not None:
+                raise ConfigError("pass model_dim= only (hidden_dim= is its deprecated name), not both")
+            warnings.warn(
+                "REPARegularizer(hidden_dim=...) is deprecated; pass model_dim=... (the hooked layers' width)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model_dim = options.pop("hidden_dim")
+        unknown = sorted(set(options) - set(_option_keys()))
         if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_OPTION_KEYS}")
-        if mismatch not in ("interpolate", "error"):
-            raise ConfigError(f"mismatch must be 'interpolate' or 'error', got {mismatch!r}")
-        lo, hi = (float(v) for v in input_range)
-        if not lo < hi:
-            raise ConfigError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+            raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_option_keys()}")
+        check_mismatch(mismatch)
+        lo, hi = check_input_range(input_range)
         target_norm = options.pop("target_norm", None)
-        if target_norm not in (None, "zscore"):
-            raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
+        check_target_norm(target_norm)
         alpha = float(options.pop("alpha", 0.6))
         kernel_size = options.pop("kernel_size", None)
         self.video = VideoOptions.pop_from(options)  # video_layout, temporal_compression, ... (repa.video)
@@ -212,8 +229,7 @@ class REPARegularizer(HookedObjective):
         base = unwrap_model(model)
         self._preset: Optional[ModelPreset] = preset_for(base)
         resample = resample or (self._preset.resample if self._preset else "target")
-        if resample not in ("target", "model"):
-            raise ConfigError(f"resample must be 'target' or 'model', got {resample!r}")
+        check_resample(resample)
 
         blocks = self._preset.blocks(base) if self._preset else None
         resolved = resolve_layers(base, layers, blocks=blocks)
@@ -226,18 +242,18 @@ class REPARegularizer(HookedObjective):
         self.encoder_dims: List[int] = [_encoder_dim(e, n) for e, n in zip(enc_list, self.encoder_names)]
 
         # hooked widths
-        self.hidden_dims: Dict[str, int] = {}
+        self.model_dims: Dict[str, int] = {}
         for name, module in resolved:
-            dim = _per_layer(hidden_dim, name, "hidden_dim", self.layer_names)
+            dim = _per_layer(model_dim, name, "model_dim", self.layer_names)
             if dim is None and self._preset and self._preset.hidden_dim:
                 dim = self._preset.hidden_dim(base, name)
-            self.hidden_dims[name] = int(dim) if dim is not None else infer_hidden_dim(module, name)
+            self.model_dims[name] = int(dim) if dim is not None else infer_model_dim(module, name)
 
         self.pairs: List[Tuple[str, str]] = [(l, e) for l in self.layer_names for e in self.encoder_names]
         self.projectors = nn.ModuleList(
             build_projector(
                 projector,
-                self.hidden_dims[layer],
+                self.model_dims[layer],
                 self.encoder_dims[self.encoder_names.index(enc)],
                 projector_dim=projector_dim,
                 kernel_size=kernel_size,
@@ -261,20 +277,20 @@ class REPARegularizer(HookedObjective):
         self.target_norm = target_norm
         self.alpha = alpha
         self.check_inputs = check_inputs
-        self._config = {
-            "layers": self.layer_names,
-            "encoders": self.encoder_names,
-            "encoder_dims": self.encoder_dims,
-            "hidden_dims": self.hidden_dims,
-            "weight": self._weight_config(weight),
-            "projector": projector if isinstance(projector, str) else None,
-            "projector_dim": projector_dim,
-            "loss": loss if isinstance(loss, str) else None,
-            "grid": {n: list(g) for n, g in self._grids.items() if g is not None} or None,
-            "mismatch": mismatch,
-            "input_range": [lo, hi],
-            "resample": resample,
-            "options": {
+        self._config = REPAConfig(
+            layers=list(self.layer_names),
+            encoders=list(self.encoder_names),
+            encoder_dims=list(self.encoder_dims),
+            model_dims=dict(self.model_dims),
+            weight=self._weight_config(weight),
+            projector=projector if isinstance(projector, str) else None,
+            projector_dim=projector_dim,
+            loss=loss if isinstance(loss, str) else None,
+            grid={n: list(g) for n, g in self._grids.items() if g is not None} or None,
+            mismatch=mismatch,
+            input_range=[lo, hi],
+            resample=resample,
+            options={
                 k: v
                 for k, v in {
                     "target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options,
@@ -282,7 +298,7 @@ class REPARegularizer(HookedObjective):
                 }.items()
                 if v is not None
             },
-        }
+        )
 
         # capture state (plain attributes: not module state), shared with the other objectives
         self._setup_capture(model, base, resolved)
@@ -337,6 +353,17 @@ class REPARegularizer(HookedObjective):
         return sel
 
     # ------------------------------------------------------------------ public properties
+    @property
+    def repa_config(self) -> REPAConfig:
+        """The regularizer's settings as a :class:`~repa.config.REPAConfig` (a copy)."""
+        return REPAConfig(**self._config.to_dict())
+
+    @property
+    def hidden_dims(self) -> Dict[str, int]:
+        """Deprecated name (0.1.0) of :attr:`model_dims`, the hooked layers' widths."""
+        warnings.warn("reg.hidden_dims is deprecated; use reg.model_dims", DeprecationWarning, stacklevel=2)
+        return self.model_dims
+
     @property
     def encoders(self) -> List[Any]:
         """The frozen encoders, in the order of :attr:`encoder_names`."""
@@ -467,10 +494,10 @@ class REPARegularizer(HookedObjective):
                 f"grid={grid} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} image tokens; "
                 "fix grid= (video: (t, h, w) after patching) or tokens="
             )
-        if x.shape[-1] != self.hidden_dims[layer]:
+        if x.shape[-1] != self.model_dims[layer]:
             raise ShapeMismatchError(
-                f"layer {layer!r} gives width {x.shape[-1]} but its projector expects {self.hidden_dims[layer]}; "
-                f"pass hidden_dim={x.shape[-1]}"
+                f"layer {layer!r} gives width {x.shape[-1]} but its projector expects {self.model_dims[layer]}; "
+                f"pass model_dim={x.shape[-1]}"
             )
         return x, grid
 
@@ -613,7 +640,7 @@ class REPARegularizer(HookedObjective):
         if not os.path.isfile(weights_path):
             raise StateDictError(f"no {WEIGHTS_NAME} in {str(directory)!r}; save one with reg.save_pretrained(dir)")
         config_path = os.path.join(directory, CONFIG_NAME)
-        config = _read_saved_config(config_path, weights_path)
+        config = read_saved_config(config_path, weights_path)
         try:
             state = load_file(weights_path)
         except Exception as exc:  # SafetensorError (bad header, truncated), OSError
@@ -625,30 +652,21 @@ class REPARegularizer(HookedObjective):
         if broken:
             raise StateDictError(f"{weights_path!r} holds NaN or infinite values in {broken}; the file is damaged")
         try:
-            kwargs: Dict[str, Any] = {
-                "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
-                "projector": config["projector"],
-                "projector_dim": config["projector_dim"],
-                "loss": config["loss"],
-                "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
-                "mismatch": config["mismatch"],
-                "input_range": tuple(config["input_range"]),
-                "hidden_dim": config["hidden_dims"],
-                "resample": config.get("resample"),
-                **(config.get("options") or {}),
-            }
+            kwargs = config.to_kwargs()
         except REPAError:
             raise
         except (TypeError, ValueError) as exc:  # e.g. a schedule object with unknown fields
             raise ConfigError(f"{config_path!r} holds an invalid setting ({exc}); save the regularizer again") from exc
+        if "hidden_dim" in overrides:  # the name of 0.1.0 replaces the saved widths
+            kwargs.pop("model_dim")
         kwargs.update(overrides)
         for key in ("weight", "projector", "loss"):
             if kwargs.get(key) is None:
                 raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
         if encoders is None:
-            encoders = dict(zip(config["encoders"], config["encoders"]))
+            encoders = dict(zip(config.encoders, config.encoders))
         try:
-            reg = cls(model, config["layers"], encoders, **kwargs)
+            reg = cls(model, config.layers, encoders, **kwargs)
         except REPAError:
             raise
         except (TypeError, ValueError, KeyError) as exc:  # a value of the right type that the pieces reject
@@ -657,10 +675,10 @@ class REPARegularizer(HookedObjective):
                 f"({type(exc).__name__}: {exc}); save it again with reg.save_pretrained(dir)"
             ) from exc
         try:  # on failure, leave the model without this regularizer's hooks
-            if reg.encoder_dims != config["encoder_dims"]:
+            if reg.encoder_dims != config.encoder_dims:
                 raise StateDictError(
-                    f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
-                    f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
+                    f"encoder widths {reg.encoder_dims} differ from the saved {config.encoder_dims} "
+                    f"(encoders {config.encoders}); pass the encoders the projectors were trained with"
                 )
             reg.load_state_dict(state)
         except BaseException:
@@ -693,7 +711,7 @@ class REPARegularizer(HookedObjective):
 
     def extra_repr(self) -> str:
         return (
-            f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
+            f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config.loss}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
 
@@ -768,90 +786,3 @@ def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_
             if grid_at((r, r)) == tuple(grid_m):
                 return (r, r)
     return None
-
-
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > low - 1
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_names(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
-
-
-def _is_grids(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) in (2, 3) and all(_is_int(x, 1) for x in g)
-                                                     for g in v.values()))  # (h, w), or (t, h, w) for video
-
-
-#: Fields of ``repa_config.json``: (check, what is expected); those of _OPTIONAL_FIELDS may be absent.
-_SAVED_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "layers": (_is_names, "a list of module names"),
-    "encoders": (_is_names, "a list of encoder names"),
-    "encoder_dims": (lambda v: isinstance(v, list) and all(_is_int(x, 1) for x in v), "a list of positive ints"),
-    "hidden_dims": (lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int"),
-    "weight": (lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"),
-    "projector": (lambda v: v is None or isinstance(v, str), "a projector name or null"),
-    "projector_dim": (lambda v: _is_int(v, 1), "a positive int"),
-    "loss": (lambda v: v is None or isinstance(v, str), "a loss name or null"),
-    "mismatch": (lambda v: isinstance(v, str), "'interpolate' or 'error'"),
-    "input_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
-}
-_OPTIONAL_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "grid": (_is_grids, "null or an object layer -> [h, w] or [t, h, w]"),
-    "resample": (lambda v: v is None or isinstance(v, str), "'target', 'model' or null"),
-    "options": (lambda v: v is None or isinstance(v, dict), "an object of options"),
-}
-
-
-def _read_saved_config(config_path: str, weights_path: str) -> Dict[str, Any]:
-    """The config :meth:`REPARegularizer.save_pretrained` wrote, checked field by field.
-
-    Raises:
-        ConfigError: not valid JSON, not an object, missing fields or values of the wrong type.
-        StateDictError: neither the JSON file nor the weights file's metadata holds a config.
-    """
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {config_path!r} ({type(exc).__name__}: {exc})") from exc
-        where = repr(config_path)
-    else:  # save_pretrained also stores the config in the safetensors metadata
-        from safetensors import safe_open
-
-        try:
-            with safe_open(weights_path, "pt") as fh:
-                text = (fh.metadata() or {}).get("repa_config")
-        except Exception as exc:  # SafetensorError
-            raise StateDictError(f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
-        if text is None:
-            raise StateDictError(
-                f"no {CONFIG_NAME} beside {weights_path!r} and no config in its metadata; save the regularizer "
-                "again with reg.save_pretrained(dir)"
-            )
-        where = f"the metadata of {weights_path!r}"
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{where} is not valid JSON ({exc}); restore it (save_pretrained also stores it in the metadata of "
-            f"{WEIGHTS_NAME}: delete the damaged file to use that copy) or save the regularizer again"
-        ) from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where} must hold a JSON object of settings, got {type(config).__name__}")
-    missing = [k for k in _SAVED_FIELDS if k not in config]
-    if missing:
-        raise ConfigError(f"{where} lacks the field(s) {missing}; save the regularizer again with reg.save_pretrained(dir)")
-    wrong = [
-        f"{key}={config[key]!r} (expected {what})"
-        for key, (ok, what) in {**_SAVED_FIELDS, **_OPTIONAL_FIELDS}.items()
-        if key in config and not ok(config[key])
-    ]
-    if wrong:
-        raise ConfigError(f"{where} holds values of the wrong type: {'; '.join(wrong)}; save the regularizer again")
-    return config

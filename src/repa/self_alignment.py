@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .base import HookedObjective
-from .capture import LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
+from .capture import LayersLike, infer_model_dim, resolve_layers, unwrap_model
 from .errors import CaptureError, ConfigError, ShapeMismatchError
 from .losses import build_loss, mean_cosine_similarity
-from .projectors import PROJECTORS, build_projector
+from .projectors import build_projector, list_projectors
 from .schedules import WeightLike, from_dict
 
 __all__ = ["SelfAlignmentRegularizer", "SelfAlignmentOutput", "SRAProjector"]
@@ -150,12 +150,12 @@ class SelfAlignmentRegularizer(HookedObjective):
         self._setup_capture(model, base, student)
         self.student_layer = student[0][0]
         self.teacher_layer = teacher_mod[0][0]
-        self.hidden_dim = int(hidden_dim) if hidden_dim else infer_hidden_dim(student[0][1], self.student_layer)
-        self.teacher_dim = int(teacher_dim) if teacher_dim else infer_hidden_dim(teacher_mod[0][1], self.teacher_layer)
+        self.hidden_dim = int(hidden_dim) if hidden_dim else infer_model_dim(student[0][1], self.student_layer, "hidden_dim")
+        self.teacher_dim = int(teacher_dim) if teacher_dim else infer_model_dim(teacher_mod[0][1], self.teacher_layer, "teacher_dim")
         if projector == "sra":
             self.projector = SRAProjector(self.hidden_dim, self.teacher_dim)
-        elif isinstance(projector, str) and projector.lower() not in PROJECTORS:
-            raise ConfigError(f"unknown projector {projector!r}; choose from {['sra', *sorted(PROJECTORS)]} or a callable")
+        elif isinstance(projector, str) and projector.lower() not in list_projectors():
+            raise ConfigError(f"unknown projector {projector!r}; choose from {['sra', *list_projectors()]} or a callable")
         else:
             self.projector = build_projector(projector, self.hidden_dim, self.teacher_dim, projector_dim=projector_dim)
         if getattr(self.projector, "uses_grid", False):
