@@ -13,12 +13,11 @@ callable.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-
-import warnings
 
 from .errors import ConfigError, UnknownNameError
 

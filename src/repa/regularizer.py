@@ -13,8 +13,6 @@ clean images (B, N_e, D_e), resampled to the model's grid when they differ -> me
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -34,26 +32,25 @@ from .config import (
     check_target_norm,
     read_saved_config,
 )
-from .errors import (
-    CaptureError,
-    ConfigError,
-    GridMismatchError,
-    InputRangeError,
-    NonFiniteInputError,
-    REPAError,
-    ShapeMismatchError,
-    StateDictError,
+from .errors import ConfigError, GridMismatchError, REPAError, ShapeMismatchError, StateDictError
+from .grid import (
+    Grid,
+    as_grid,
+    as_token_grid,
+    flatten_feature_map,
+    format_grid,
+    grid_cells,
+    infer_grid,
+    resample_tokens,
 )
-from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
+from .inputs import check_finite_features, check_nonempty, features_by_encoder, matching_image_size, normalize_images
 from .losses import build_loss, loss_option_keys, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
-from .schedules import WeightLike, from_dict
+from .schedules import WeightLike
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
 __all__ = ["REPARegularizer", "REPAOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
-
-logger = logging.getLogger("repa")
 
 EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
@@ -142,6 +139,20 @@ def _per_layer(value: Any, layer: str, what: str, layers: Sequence[str]) -> Any:
     return value
 
 
+def _model_dim_alias(model_dim: Any, options: Dict[str, Any]) -> Any:
+    """``model_dim``, or the value of its deprecated name ``hidden_dim`` (0.1.0) popped from ``options``."""
+    if "hidden_dim" not in options:
+        return model_dim
+    if model_dim is not None:
+        raise ConfigError("pass model_dim= only (hidden_dim= is its deprecated name), not both")
+    warnings.warn(
+        "REPARegularizer(hidden_dim=...) is deprecated; pass model_dim=... (the hooked layers' width)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return options.pop("hidden_dim")
+
+
 class REPARegularizer(HookedObjective):
     """Representation alignment (REPA) as a regularizer attached to any model by forward hooks.
 
@@ -205,15 +216,7 @@ class REPARegularizer(HookedObjective):
         **options: Any,
     ) -> None:
         super().__init__()
-        if "hidden_dim" in options:  # the name of 0.1.0
-            if model_dim is not None:
-                raise ConfigError("pass model_dim= only (hidden_dim= is its deprecated name), not both")
-            warnings.warn(
-                "REPARegularizer(hidden_dim=...) is deprecated; pass model_dim=... (the hooked layers' width)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            model_dim = options.pop("hidden_dim")
+        model_dim = _model_dim_alias(model_dim, options)
         unknown = sorted(set(options) - set(_option_keys()))
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_option_keys()}")
@@ -241,13 +244,7 @@ class REPARegularizer(HookedObjective):
         self._encoders: List[Any] = enc_list
         self.encoder_dims: List[int] = [_encoder_dim(e, n) for e, n in zip(enc_list, self.encoder_names)]
 
-        # hooked widths
-        self.model_dims: Dict[str, int] = {}
-        for name, module in resolved:
-            dim = _per_layer(model_dim, name, "model_dim", self.layer_names)
-            if dim is None and self._preset and self._preset.hidden_dim:
-                dim = self._preset.hidden_dim(base, name)
-            self.model_dims[name] = int(dim) if dim is not None else infer_model_dim(module, name)
+        self.model_dims: Dict[str, int] = self._resolve_model_dims(resolved, model_dim, base)
 
         self.pairs: List[Tuple[str, str]] = [(l, e) for l in self.layer_names for e in self.encoder_names]
         self.projectors = nn.ModuleList(
@@ -263,14 +260,7 @@ class REPARegularizer(HookedObjective):
         self.loss_fn = build_loss(loss, loss_options)
 
         self._tokens = {n: self._token_selector(tokens, n, base) for n in self.layer_names}
-        self._grids = {}
-        for n in self.layer_names:
-            g = _per_layer(grid, n, "grid", self.layer_names)
-            self._grids[n] = as_token_grid(g) if g is not None else None
-        # video presets record each forward's (t, h, w) token grid from the model's input
-        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
-        if self._grid_tracker is not None:
-            self._grid_tracker.owner = self
+        self._setup_grids(grid, base)
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
@@ -343,6 +333,29 @@ class REPARegularizer(HookedObjective):
             built.append(_freeze(enc))
             names.append(name)
         return built, names
+
+    def _resolve_model_dims(
+        self, resolved: Sequence[Tuple[str, nn.Module]], model_dim: Any, base: nn.Module
+    ) -> Dict[str, int]:
+        """Each hooked layer's width: ``model_dim=`` if given, else the preset's, else inferred."""
+        dims: Dict[str, int] = {}
+        for name, module in resolved:
+            dim = _per_layer(model_dim, name, "model_dim", self.layer_names)
+            if dim is None and self._preset and self._preset.hidden_dim:
+                dim = self._preset.hidden_dim(base, name)
+            dims[name] = int(dim) if dim is not None else infer_model_dim(module, name)
+        return dims
+
+    def _setup_grids(self, grid: Any, base: nn.Module) -> None:
+        """Each layer's token grid from ``grid=`` (or None: inferred per call), and a video preset's tracker."""
+        self._grids: Dict[str, Optional[Grid]] = {}
+        for n in self.layer_names:
+            g = _per_layer(grid, n, "grid", self.layer_names)
+            self._grids[n] = as_token_grid(g) if g is not None else None
+        # video presets record each forward's (t, h, w) token grid from the model's input
+        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
+        if self._grid_tracker is not None:
+            self._grid_tracker.owner = self
 
     def _token_selector(self, tokens: Any, layer: str, base: nn.Module) -> Any:
         sel = _per_layer(tokens, layer, "tokens", self.layer_names)
@@ -485,7 +498,7 @@ class REPARegularizer(HookedObjective):
             )
         if isinstance(sel, slice):
             x = x[:, sel]  # (B, N_img, D)
-        _check_nonempty(x, f"the output of layer {layer!r}")
+        check_nonempty(x, f"the output of layer {layer!r}")
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
@@ -502,53 +515,10 @@ class REPARegularizer(HookedObjective):
         return x, grid
 
     def _normalize_images(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ShapeMismatchError(
-                f"images must be a (B, C, H, W) tensor, got "
-                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
-            )
-        _check_nonempty(images, "images")
-        if images.dtype == torch.uint8:
-            return images.float() / 255.0
-        if not images.is_floating_point():
-            raise InputRangeError(f"images must be uint8 (0-255) or float, got dtype {images.dtype}")
-        lo, hi = self.input_range
-        if self.check_inputs:
-            mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
-            if not (math.isfinite(mn) and math.isfinite(mx)):  # aminmax propagates NaN: no extra pass
-                raise NonFiniteInputError(
-                    f"images hold non-finite values (min {mn}, max {mx}); NaN or Inf pixels make the encoder's "
-                    "targets NaN: check the data pipeline (decoding, normalization) before reg(images)"
-                )
-            tol = 1e-3 * (hi - lo)
-            if mn < lo - tol or mx > hi + tol:
-                raise InputRangeError(
-                    f"float images span [{mn:.3g}, {mx:.3g}] but input_range=({lo:g}, {hi:g}); pass "
-                    f"REPARegularizer(..., input_range=(-1, 1)) for images in [-1, 1], or uint8 images"
-                )
-        images = images.float()
-        if (lo, hi) != (0.0, 1.0):
-            images = (images - lo) / (hi - lo)
-        return images.clamp(0.0, 1.0)  # never in place: the caller still owns `images`
+        return normalize_images(images, self.input_range, self.check_inputs)
 
     def _features_by_encoder(self, features: Any) -> Dict[str, torch.Tensor]:
-        names = self.encoder_names
-        if isinstance(features, torch.Tensor):
-            if len(names) != 1:
-                raise ConfigError(
-                    f"features= is one tensor but there are {len(names)} encoders {names}; pass a list or dict"
-                )
-            return {names[0]: features}
-        if isinstance(features, (list, tuple)):
-            if len(features) != len(names):
-                raise ConfigError(f"features= has {len(features)} entries for {len(names)} encoders {names}")
-            return dict(zip(names, features))
-        if isinstance(features, dict):
-            missing, extra = sorted(set(names) - set(features)), sorted(set(features) - set(names))
-            if missing or extra:
-                raise ConfigError(f"features= keys must be the encoder names {names}; missing {missing}, unknown {extra}")
-            return dict(features)
-        raise ConfigError(f"features= must be a tensor, a list or a dict of tensors, got {type(features).__name__}")
+        return features_by_encoder(features, self.encoder_names)
 
     def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
         if (images is None) == (features is None):
@@ -560,7 +530,7 @@ class REPARegularizer(HookedObjective):
             raw = self._features_by_encoder(features)
             image_size = None
             if self.check_inputs:
-                _check_finite_features(raw)
+                check_finite_features(raw)
         else:
             x = self._normalize_images(images)
             image_size = tuple(x.shape[-2:])
@@ -580,7 +550,7 @@ class REPARegularizer(HookedObjective):
                     f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
                 )
             y = y.detach()
-            _check_nonempty(y, f"targets of encoder {name!r}")
+            check_nonempty(y, f"targets of encoder {name!r}")
             if y.ndim == 4:
                 if y.shape[1] != dim:
                     raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
@@ -607,7 +577,7 @@ class REPARegularizer(HookedObjective):
             size = (int(images.shape[-2]), int(images.shape[-1]))
             msg += f" for {size[0]}x{size[1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
-            fit = _matching_image_size(enc, images, grid_e, grid_m)
+            fit = matching_image_size(enc, images, grid_e, grid_m)
             if fit is not None:
                 msg += f"; images of {fit[0]}x{fit[1]} would give the encoder a matching grid"
         return msg + "; pass mismatch='interpolate' to resample the targets instead"
@@ -714,75 +684,3 @@ class REPARegularizer(HookedObjective):
             f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config.loss}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
-
-
-def _check_nonempty(x: torch.Tensor, what: str) -> None:
-    """An empty batch (or zero tokens) has no alignment loss to compute: say so instead of a NaN mean."""
-    if x.ndim >= 2 and (x.shape[0] == 0 or x.shape[1] == 0):
-        raise ShapeMismatchError(
-            f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
-            "with at least one item"
-        )
-
-
-def _check_finite_features(features: Dict[str, Any]) -> None:
-    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
-
-    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
-    one pass without the boolean tensor ``isfinite`` would allocate.
-    """
-    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
-    if not tensors:
-        return
-    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
-    if len({e.device for e in extremes}) == 1:
-        values = torch.stack(extremes).tolist()  # a single host sync
-    else:
-        values = [e.tolist() for e in extremes]
-    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
-    if bad:
-        t = tensors[bad[0]].detach().float()
-        raise NonFiniteInputError(
-            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
-            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
-            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
-            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
-        )
-
-
-def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_m: Grid) -> Optional[Grid]:
-    """An image size (H, W) for which ``encoder`` returns the grid ``grid_m``, or None if none is found.
-
-    The encoder's stride is derived from the batch it was given (``H / h_e``, ``W / w_e``), so
-    the estimate ``grid_m * stride`` works for any encoder whose grid follows the image size,
-    a user's own module included. The estimate is checked with the encoder's ``grid()`` method
-    where it has one, else with one forward of a blank (1, C, H, W) image; encoders that resize
-    their input (DINOv2: 256 -> 224 px) are also searched over square sizes through ``grid()``.
-    """
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    has_grid = callable(getattr(encoder, "grid", None))
-
-    def grid_at(hw: Grid) -> Optional[Grid]:
-        try:
-            if has_grid:
-                return as_grid(encoder.grid(hw))
-            param = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
-            blank = torch.zeros(1, images.shape[1], *hw, device=images.device,  # (1, C, H, W)
-                                dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
-            with torch.no_grad():
-                out = encoder(blank)
-            if out.ndim == 4:  # (1, D, h, w)
-                return (int(out.shape[-2]), int(out.shape[-1]))
-            return infer_grid(int(out.shape[1]))  # (1, N, D): square grids only
-        except Exception:  # a size the encoder cannot take: no suggestion from it
-            return None
-
-    if grid_e[0] > 0 and grid_e[1] > 0:
-        estimate = tuple(int(round(g_m * s / g_e)) for g_m, s, g_e in zip(grid_m, size, grid_e))  # grid_m * stride
-        if 0 < min(estimate) and max(estimate) <= 8192 and grid_at(estimate) == tuple(grid_m):
-            return estimate  # type: ignore[return-value]
-    if has_grid and grid_m[0] == grid_m[1]:
-        for r in range(8, 2049, 8):
-            if grid_at((r, r)) == tuple(grid_m):
-                return (r, r)
-    return None
