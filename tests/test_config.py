@@ -197,3 +197,39 @@ def test_preset_registry_is_exported():
     assert any(p.name == "repa-sit" for p in repa.list_presets())
     assert {"list_presets", "register_preset", "register_loss", "list_losses", "register_projector",
             "list_projectors", "REPAConfig"} <= set(repa.__all__)
+
+
+# --------------------------------------------------------------------------- the encoder-free objectives
+def test_dispersive_settings_are_a_dataclass_saved_generically(tmp_path):
+    from repa.dispersive import DispersiveConfig
+
+    model = TinyDiT(depth=2)
+    disp = repa.DispersiveRegularizer(model, layers=[0, 1], weight=schedules.StopAt(0.25, 5), variant="hinge", margin=2)
+    assert disp.config == {"objective": "dispersive", "layers": ["blocks.0", "blocks.1"], "variant": "hinge",
+                           "weight": {"kind": "stop_at", "weight": 0.25, "stop": 5}, "temperature": 0.5,
+                           "margin": 2.0, "normalize_by_dim": True}
+    disp.save_pretrained(tmp_path)
+    disp.remove()
+    back = repa.DispersiveRegularizer.from_pretrained(tmp_path, model)
+    assert back.weight_fn == schedules.StopAt(0.25, 5) and back.margin == 2.0 and back.variant == "hinge"
+    back.remove()
+    with pytest.raises(ConfigError, match=r"variant='ring' is not a dispersive loss"):
+        DispersiveConfig(["blocks.0"], variant="ring")
+    path = tmp_path / "dispersive_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "spread": 3}))
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['spread'\]"):
+        repa.DispersiveRegularizer.from_pretrained(tmp_path, model)
+    path.write_text(json.dumps({**disp.config, "temperature": -1}))
+    with pytest.raises(ConfigError, match=r"invalid setting \(temperature must be > 0, got -1"):
+        repa.DispersiveRegularizer.from_pretrained(tmp_path, model)
+
+
+def test_self_alignment_settings_reject_a_bad_max_gap():
+    from repa.self_alignment import SelfAlignmentConfig
+
+    cfg = SelfAlignmentConfig("blocks.0", "blocks.1", hidden_dim=32, teacher_dim=32)
+    assert (cfg.weight, cfg.loss, cfg.beta, cfg.projector, cfg.max_gap) == (0.2, "smooth-l1", 0.05, "sra", 0.2)
+    with pytest.raises(ConfigError, match=r"max_gap must lie in \[0, 1\], got 1.5"):
+        SelfAlignmentConfig("blocks.0", "blocks.1", hidden_dim=32, teacher_dim=32, max_gap=1.5)
+    with pytest.raises(ConfigError, match=r"teacher_dim must be a positive int, got 0"):
+        SelfAlignmentConfig("blocks.0", "blocks.1", hidden_dim=32, teacher_dim=0)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
 
 from .errors import ConfigError, StateDictError
 from .schedules import from_dict as schedule_from_dict
 
-__all__ = ["REPAConfig", "CONFIG_NAME", "WEIGHTS_NAME", "read_saved_config"]
+__all__ = ["REPAConfig", "CONFIG_NAME", "WEIGHTS_NAME", "read_saved_config", "settings_from_dict", "settings_kwargs"]
 
 CONFIG_NAME = "repa_config.json"
 WEIGHTS_NAME = "repa_projectors.safetensors"
@@ -29,6 +29,48 @@ WEIGHTS_NAME = "repa_projectors.safetensors"
 _LEGACY_KEYS = {"hidden_dims": "model_dims"}
 #: keys written beside the settings that are not settings
 _INFO_KEYS = {"repa_version"}
+
+
+T = TypeVar("T")
+
+
+def settings_from_dict(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
+    """Build the settings dataclass ``cls`` from a saved dict: ``cls(**data)`` with clear errors.
+
+    Keys that are not settings (``repa_version``) are dropped; a missing required field or an
+    unknown one (a newer repa's file) is a :class:`~repa.errors.ConfigError` naming it, and so
+    is a value that ``cls.__post_init__`` rejects.
+    """
+    values = {k: v for k, v in data.items() if k not in _INFO_KEYS}
+    all_fields = fields(cls)  # type: ignore[arg-type]
+    missing = [
+        f.name for f in all_fields
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values
+    ]
+    if missing:
+        raise ConfigError(f"{where} lacks the field(s) {missing}; save the regularizer again with save_pretrained(dir)")
+    unknown = sorted(set(values) - {f.name for f in all_fields})
+    if unknown:
+        raise ConfigError(
+            f"{where} holds unknown setting(s) {unknown} (written by repa {data.get('repa_version', '?')}); "
+            "upgrade repa to load it, or save the regularizer again with this version"
+        )
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:  # ConfigError from __post_init__ included
+        raise ConfigError(f"{where} holds an invalid setting ({exc}); save the regularizer again") from exc
+
+
+def settings_kwargs(settings: Any, exclude: Iterable[str] = ()) -> Dict[str, Any]:
+    """The constructor keywords a settings dataclass stands for: every field but ``exclude``.
+
+    ``weight`` (a schedule's ``to_dict()``) becomes the schedule again.
+    """
+    skip = set(exclude)
+    kwargs = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in skip}
+    if isinstance(kwargs.get("weight"), dict):
+        kwargs["weight"] = schedule_from_dict(kwargs["weight"])
+    return kwargs
 
 
 def _is_int(v: Any, low: int = 0) -> bool:
