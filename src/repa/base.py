@@ -43,6 +43,8 @@ class HookedObjective(nn.Module):
     :meth:`_setup_capture`, and in ``forward`` :meth:`_take_captures` then :meth:`_advance`.
     """
 
+    step: torch.Tensor  # the step counter buffer (registered by _setup_weight)
+
     #: file names used by :meth:`save_pretrained`; subclasses pick their own
     CONFIG_NAME = "repa_config.json"
     WEIGHTS_NAME = "repa_projectors.safetensors"
@@ -167,7 +169,8 @@ class HookedObjective(nn.Module):
         """A zero that touches every trainable parameter (DDP then sees none unused)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if params:
-            return sum(p.sum() for p in params) * 0.0
+            total: torch.Tensor = sum((p.sum() for p in params[1:]), params[0].sum())
+            return total * 0.0
         return torch.zeros((), device=device)
 
     # ------------------------------------------------------------------ save / load

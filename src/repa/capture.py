@@ -134,7 +134,7 @@ def resolve_layers(
     """
     model = unwrap_model(model)
     names = _module_names(model)
-    specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    specs: List[LayerSpec] = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # type: ignore[list-item]
     if not specs:
         raise ConfigError("layers= is empty; pass at least one layer, e.g. layers=7 or layers='blocks.7'")
     out: List[str] = []

@@ -151,11 +151,15 @@ class REPAConfig:
         metadata=_spec(lambda v: isinstance(v, list) and all(_is_int(x, 1) for x in v), "a list of positive ints")
     )
     model_dims: Dict[str, int] = field(
-        metadata=_spec(lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int")
+        metadata=_spec(
+            lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int"
+        )
     )
     weight: Any = field(
         default=0.5,
-        metadata=_spec(lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"),
+        metadata=_spec(
+            lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"
+        ),
     )
     projector: Optional[str] = field(
         default="mlp", metadata=_spec(lambda v: v is None or isinstance(v, str), "a projector name or null")
@@ -164,7 +168,9 @@ class REPAConfig:
     loss: Optional[str] = field(
         default="cosine", metadata=_spec(lambda v: v is None or isinstance(v, str), "a loss name or null")
     )
-    mismatch: str = field(default="interpolate", metadata=_spec(lambda v: isinstance(v, str), "'interpolate' or 'error'"))
+    mismatch: str = field(
+        default="interpolate", metadata=_spec(lambda v: isinstance(v, str), "'interpolate' or 'error'")
+    )
     input_range: List[float] = field(
         default_factory=lambda: [0.0, 1.0],
         metadata=_spec(lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
@@ -173,7 +179,8 @@ class REPAConfig:
         default=None, metadata=_spec(_is_grids, "null or an object layer -> [h, w] or [t, h, w]", optional=True)
     )
     resample: Optional[str] = field(
-        default=None, metadata=_spec(lambda v: v is None or isinstance(v, str), "'target', 'model' or null", optional=True)
+        default=None,
+        metadata=_spec(lambda v: v is None or isinstance(v, str), "'target', 'model' or null", optional=True),
     )
     options: Dict[str, Any] = field(
         default_factory=dict,
@@ -270,7 +277,7 @@ def read_saved_config(config_path: str, weights_path: str) -> REPAConfig:
     if os.path.isfile(config_path):
         try:
             with open(config_path, encoding="utf-8") as fh:
-                text: Optional[str] = fh.read()
+                text = fh.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {config_path!r} ({type(exc).__name__}: {exc})") from exc
         where = repr(config_path)
@@ -279,15 +286,17 @@ def read_saved_config(config_path: str, weights_path: str) -> REPAConfig:
 
         try:
             with safe_open(weights_path, "pt") as fh:
-                text = (fh.metadata() or {}).get("repa_config")
+                stored = (fh.metadata() or {}).get("repa_config")
         except Exception as exc:  # SafetensorError
-            raise StateDictError(f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
-        if text is None:
+            raise StateDictError(
+                f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged"
+            ) from exc
+        if stored is None:
             raise StateDictError(
                 f"no {CONFIG_NAME} beside {weights_path!r} and no config in its metadata; save the regularizer "
                 "again with reg.save_pretrained(dir)"
             )
-        where = f"the metadata of {weights_path!r}"
+        text, where = stored, f"the metadata of {weights_path!r}"
     try:
         data = json.loads(text)
     except ValueError as exc:

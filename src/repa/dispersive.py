@@ -244,7 +244,9 @@ class DispersiveRegularizer(HookedObjective):
         """Rebuild a regularizer saved by :meth:`save_pretrained` on ``model`` (step restored)."""
         config, state = cls._read_saved(directory)
         if config.get("objective") != "dispersive":
-            raise ConfigError(f"{str(directory)!r} holds a {config.get('objective', 'REPA')!r} objective, not dispersive")
+            raise ConfigError(
+                f"{str(directory)!r} holds a {config.get('objective', 'REPA')!r} objective, not dispersive"
+            )
         settings = settings_from_dict(DispersiveConfig, config, repr(str(directory)))
         kwargs = settings_kwargs(settings, exclude=("layers", "objective"))
         kwargs.update(overrides)

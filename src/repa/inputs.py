@@ -140,9 +140,9 @@ def matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_m
             return None
 
     if grid_e[0] > 0 and grid_e[1] > 0:
-        estimate = tuple(int(round(g_m * s / g_e)) for g_m, s, g_e in zip(grid_m, size, grid_e))  # grid_m * stride
+        estimate = (round(grid_m[0] * size[0] / grid_e[0]), round(grid_m[1] * size[1] / grid_e[1]))  # grid_m * stride
         if 0 < min(estimate) and max(estimate) <= 8192 and grid_at(estimate) == tuple(grid_m):
-            return estimate  # type: ignore[return-value]
+            return estimate
     if has_grid and grid_m[0] == grid_m[1]:
         for r in range(8, 2049, 8):
             if grid_at((r, r)) == tuple(grid_m):

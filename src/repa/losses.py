@@ -120,7 +120,9 @@ def relation_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.mse_loss(_token_cosine_matrix(pred), _token_cosine_matrix(target))
 
 
-def _trd_rows(p_rows: torch.Tensor, p_all: torch.Tensor, t_rows: torch.Tensor, t_all: torch.Tensor, margin: float) -> torch.Tensor:
+def _trd_rows(
+    p_rows: torch.Tensor, p_all: torch.Tensor, t_rows: torch.Tensor, t_all: torch.Tensor, margin: float
+) -> torch.Tensor:
     """Sum over a block of rows of relu(|cos_pred - cos_target| - margin); inputs L2-normalized."""
     gap = (p_rows @ p_all.transpose(1, 2) - t_rows @ t_all.transpose(1, 2)).abs()  # (B, r, N)
     return F.relu(gap - margin).sum()
@@ -214,7 +216,9 @@ def register_loss(
 
     def add(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if not callable(loss_fn):
-            raise ConfigError(f"register_loss({name!r}, ...): expected a callable (pred, target) -> scalar, got {loss_fn!r}")
+            raise ConfigError(
+                f"register_loss({name!r}, ...): expected a callable (pred, target) -> scalar, got {loss_fn!r}"
+            )
         if key in _LOSSES and not overwrite:
             raise ConfigError(f"loss {key!r} is already registered; pass overwrite=True to replace it")
         _LOSSES[key] = loss_fn
@@ -240,7 +244,9 @@ def __getattr__(name: str) -> Any:
     """``LOSSES`` and ``LOSS_OPTIONS``: deprecated public names of the registry's dicts."""
     if name in ("LOSSES", "LOSS_OPTIONS"):
         warnings.warn(
-            f"repa.losses.{name} is deprecated; use repa.register_loss / repa.list_losses", DeprecationWarning, stacklevel=2
+            f"repa.losses.{name} is deprecated; use repa.register_loss / repa.list_losses",
+            DeprecationWarning,
+            stacklevel=2,
         )
         return _LOSSES if name == "LOSSES" else _LOSS_OPTIONS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

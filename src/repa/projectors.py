@@ -47,7 +47,9 @@ class MLPProjector(nn.Sequential):
 
     uses_grid = False
 
-    def __init__(self, in_dim: int, out_dim: int, projector_dim: int = 2048, *, hidden_dim: Optional[int] = None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, projector_dim: int = 2048, *, hidden_dim: Optional[int] = None
+    ) -> None:
         if hidden_dim is not None:  # the name before 0.2: deprecated (the model's width is `model_dim`)
             warnings.warn(
                 "MLPProjector(hidden_dim=...) is deprecated; pass projector_dim=... (the MLP's width)",
@@ -100,7 +102,11 @@ class ConvProjector(nn.Module):
         return self.conv(fmap).flatten(2).transpose(1, 2)  # (B, N, D_e)
 
 
-_PROJECTORS: Dict[str, Callable[..., nn.Module]] = {"mlp": MLPProjector, "linear": LinearProjector, "conv": ConvProjector}
+_PROJECTORS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLPProjector,
+    "linear": LinearProjector,
+    "conv": ConvProjector,
+}
 
 
 def register_projector(
@@ -169,7 +175,8 @@ def build_projector(
         return module
     if not isinstance(kind, str) or kind.lower() not in _PROJECTORS:
         raise UnknownNameError(
-            f"unknown projector {kind!r}; choose from {list_projectors()} or pass a callable (in_dim, out_dim) -> nn.Module"
+            f"unknown projector {kind!r}; choose from {list_projectors()} or pass a callable "
+            "(in_dim, out_dim) -> nn.Module"
         )
     kind = kind.lower()
     if kernel_size is not None and kind != "conv":

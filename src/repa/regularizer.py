@@ -34,6 +34,7 @@ from .config import (
 )
 from .errors import ConfigError, GridMismatchError, REPAError, ShapeMismatchError, StateDictError
 from .grid import (
+    AnyGrid,
     Grid,
     as_grid,
     as_token_grid,
@@ -246,7 +247,7 @@ class REPARegularizer(HookedObjective):
 
         self.model_dims: Dict[str, int] = self._resolve_model_dims(resolved, model_dim, base)
 
-        self.pairs: List[Tuple[str, str]] = [(l, e) for l in self.layer_names for e in self.encoder_names]
+        self.pairs: List[Tuple[str, str]] = [(ly, e) for ly in self.layer_names for e in self.encoder_names]
         self.projectors = nn.ModuleList(
             build_projector(
                 projector,
@@ -304,7 +305,8 @@ class REPARegularizer(HookedObjective):
             items = [(None, encoders)]
         if not items:
             raise ConfigError("encoders= is empty; pass at least one encoder, e.g. encoders='dinov2-vit-b'")
-        built, names = [], []
+        built: List[Any] = []
+        names: List[str] = []
         for key, enc in items:
             if isinstance(enc, str):
                 from .encoders import create_encoder
@@ -348,7 +350,7 @@ class REPARegularizer(HookedObjective):
 
     def _setup_grids(self, grid: Any, base: nn.Module) -> None:
         """Each layer's token grid from ``grid=`` (or None: inferred per call), and a video preset's tracker."""
-        self._grids: Dict[str, Optional[Grid]] = {}
+        self._grids: Dict[str, Optional[AnyGrid]] = {}
         for n in self.layer_names:
             g = _per_layer(grid, n, "grid", self.layer_names)
             self._grids[n] = as_token_grid(g) if g is not None else None
@@ -462,14 +464,14 @@ class REPARegularizer(HookedObjective):
             losses.append(self.loss_fn(pred, target))
             if return_breakdown:  # logging only: keep it off the plain training call
                 cosines[f"{layer}/{enc_name}"] = mean_cosine_similarity(pred.detach(), target)
-        loss = torch.stack([l.float() for l in losses]).mean()
+        loss = torch.stack([term.float() for term in losses]).mean()
         total = weight * loss
         if return_breakdown:
             return REPAOutput(total, loss.detach(), weight, cosines)
         return total
 
     # ------------------------------------------------------------------ pieces of the call
-    def _hidden_tokens(self, layer: str, output: Any) -> Tuple[torch.Tensor, Grid]:
+    def _hidden_tokens(self, layer: str, output: Any) -> Tuple[torch.Tensor, AnyGrid]:
         sel = self._tokens[layer]
         if callable(sel):
             x = sel(output)
@@ -520,12 +522,12 @@ class REPARegularizer(HookedObjective):
     def _features_by_encoder(self, features: Any) -> Dict[str, torch.Tensor]:
         return features_by_encoder(features, self.encoder_names)
 
-    def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
+    def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, AnyGrid]]:
         if (images is None) == (features is None):
             raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
         if is_video_call(images, features, self.encoder_dims):  # (B, C, T, H, W) clips: repa.video
             return encode_video_targets(self, images) if features is None else video_feature_targets(self, features)
-        out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
+        out: Dict[str, Tuple[torch.Tensor, AnyGrid]] = {}
         if features is not None:
             raw = self._features_by_encoder(features)
             image_size = None
@@ -560,24 +562,27 @@ class REPARegularizer(HookedObjective):
                     raise ShapeMismatchError(
                         f"targets of encoder {name!r} have width {y.shape[-1]}, expected {dim} (shape {tuple(y.shape)})"
                     )
-                grid = None
+                told: Optional[Grid] = None  # the encoder's own grid() for this image size, if it fits
                 if image_size is not None and hasattr(enc, "grid"):
                     g = as_grid(enc.grid(image_size))
-                    grid = g if g[0] * g[1] == y.shape[1] else None
-                grid = grid or infer_grid(y.shape[1], what=f"target tokens of encoder {name!r}")
+                    told = g if g[0] * g[1] == y.shape[1] else None
+                grid = told or infer_grid(y.shape[1], what=f"target tokens of encoder {name!r}")
             y = y.float()
             if self.target_norm == "zscore":
                 y = zscore_targets(y, self.alpha)
             out[name] = (y, grid)
         return out
 
-    def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
-        msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+    def _mismatch_message(self, layer: str, enc_name: str, grid_m: AnyGrid, grid_e: AnyGrid, images: Any) -> str:
+        msg = (
+            f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives "
+            f"{format_grid(grid_e)}"
+        )
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and len(grid_m) == 2 and len(grid_e) == 2:
             size = (int(images.shape[-2]), int(images.shape[-1]))
             msg += f" for {size[0]}x{size[1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
-            fit = matching_image_size(enc, images, grid_e, grid_m)
+            fit = matching_image_size(enc, images, (grid_e[0], grid_e[1]), (grid_m[0], grid_m[1]))
             if fit is not None:
                 msg += f"; images of {fit[0]}x{fit[1]} would give the encoder a matching grid"
         return msg + "; pass mismatch='interpolate' to resample the targets instead"

@@ -182,7 +182,8 @@ def weight_at_step(schedule: Callable[[int], Any], step: int) -> float:
         value = float(schedule(step))
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"the weight schedule {schedule!r} returned a non-number at step {step} ({exc}); it must return a float >= 0"
+            f"the weight schedule {schedule!r} returned a non-number at step {step} ({exc}); "
+            "it must return a float >= 0"
         ) from exc
     if not math.isfinite(value) or value < 0:
         raise ConfigError(

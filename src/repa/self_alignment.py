@@ -112,7 +112,9 @@ def _tokens_of(output: Any, what: str) -> torch.Tensor:
     if x.ndim == 4:  # (B, C, H, W) conv features -> (B, H*W, C)
         x = x.flatten(2).transpose(1, 2)
     if x.ndim != 3:
-        raise ShapeMismatchError(f"{what} gives shape {tuple(x.shape)}; expected tokens (B, N, D) or a map (B, C, H, W)")
+        raise ShapeMismatchError(
+            f"{what} gives shape {tuple(x.shape)}; expected tokens (B, N, D) or a map (B, C, H, W)"
+        )
     return x
 
 
@@ -185,12 +187,19 @@ class SelfAlignmentRegularizer(HookedObjective):
         self._setup_capture(model, base, student)
         self.student_layer = student[0][0]
         self.teacher_layer = teacher_mod[0][0]
-        self.hidden_dim = int(hidden_dim) if hidden_dim else infer_model_dim(student[0][1], self.student_layer, "hidden_dim")
-        self.teacher_dim = int(teacher_dim) if teacher_dim else infer_model_dim(teacher_mod[0][1], self.teacher_layer, "teacher_dim")
+        self.hidden_dim = (
+            int(hidden_dim) if hidden_dim else infer_model_dim(student[0][1], self.student_layer, "hidden_dim")
+        )
+        self.teacher_dim = (
+            int(teacher_dim) if teacher_dim else infer_model_dim(teacher_mod[0][1], self.teacher_layer, "teacher_dim")
+        )
+        self.projector: nn.Module
         if projector == "sra":
             self.projector = SRAProjector(self.hidden_dim, self.teacher_dim)
         elif isinstance(projector, str) and projector.lower() not in list_projectors():
-            raise ConfigError(f"unknown projector {projector!r}; choose from {['sra', *list_projectors()]} or a callable")
+            raise ConfigError(
+                f"unknown projector {projector!r}; choose from {['sra', *list_projectors()]} or a callable"
+            )
         else:
             self.projector = build_projector(projector, self.hidden_dim, self.teacher_dim, projector_dim=projector_dim)
         if getattr(self.projector, "uses_grid", False):
@@ -203,7 +212,7 @@ class SelfAlignmentRegularizer(HookedObjective):
         self._teacher_ref = [ema_model]  # a list: not a submodule, not in state_dict
         self._teacher_running = False
         self._teacher_out: Any = None
-        self._teacher_handle = teacher_mod[0][1].register_forward_hook(_TeacherHook(self))
+        self._teacher_handle: Optional[Any] = teacher_mod[0][1].register_forward_hook(_TeacherHook(self))
         self.teacher_calls = 0  # forwards of the teacher run by this regularizer
         self._config = SelfAlignmentConfig(
             student_layer=self.student_layer,
@@ -266,7 +275,8 @@ class SelfAlignmentRegularizer(HookedObjective):
             )
         if student.shape[-1] != self.hidden_dim:
             raise ShapeMismatchError(
-                f"student layer {self.student_layer!r} has width {student.shape[-1]}, expected {self.hidden_dim}; pass hidden_dim="
+                f"student layer {self.student_layer!r} has width {student.shape[-1]}, expected {self.hidden_dim}; "
+                "pass hidden_dim="
             )
         pred = self.projector(student)  # (B, N, D_t)
         loss = self.loss_fn(pred, teacher).float()
@@ -277,7 +287,9 @@ class SelfAlignmentRegularizer(HookedObjective):
 
     def _run_teacher(self, args: Any, kwargs: Dict[str, Any]) -> torch.Tensor:
         if not args and not kwargs:
-            raise ConfigError("sra(...) needs the teacher's inputs, e.g. sra(x_lo, t_lo, y): the EMA model runs on them")
+            raise ConfigError(
+                "sra(...) needs the teacher's inputs, e.g. sra(x_lo, t_lo, y): the EMA model runs on them"
+            )
         teacher = self.ema_model
         self._teacher_out = None
         self._teacher_running = True
@@ -314,4 +326,7 @@ class SelfAlignmentRegularizer(HookedObjective):
         return reg
 
     def extra_repr(self) -> str:
-        return f"student={self.student_layer!r}, teacher={self.teacher_layer!r}, max_gap={self.max_gap}, step={self._step}"
+        return (
+            f"student={self.student_layer!r}, teacher={self.teacher_layer!r}, max_gap={self.max_gap}, "
+            f"step={self._step}"
+        )
