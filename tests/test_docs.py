@@ -274,6 +274,8 @@ def _check_results(block: Block, ns: Dict[str, Any], tmp: Path) -> None:
     if "probe_alignment(" in block.code:
         assert (tmp / "alignment.png").stat().st_size > 0
         assert len(ns["res"].cknna[0]) == 3  # one value per block of the 3-block model
+    if "for step in range(2):" in block.code:
+        assert torch.isfinite(ns["loss"]) and ns["reg"].state_dict()["step"] == 2  # two calls counted
     if '@register_encoder("my-encoder"' in block.code:
         from safetensors.torch import load_file
 
