@@ -236,7 +236,7 @@ class _Bench:
         # variants (capturing or not) instead of one per arm.
         self.reg = REPARegularizer(
             self.model, layers=self.layer, encoders=self.encoder,
-            weight=schedules.stop_at(0.5, STOP_STEP), projector_dim=cfg.projector_dim,
+            weight=schedules.StopAt(0.5, STOP_STEP), projector_dim=cfg.projector_dim,
         ).to(self.device)
         params = [*self.model.parameters(), *self.reg.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
@@ -340,7 +340,7 @@ class _Bench:
         n_tokens = math.prod(self.model.grid)
         projector = 0.0
         for (layer, _), proj in zip(self.reg.pairs, self.reg.projectors):
-            width = self.reg.hidden_dims[layer]
+            width = self.reg.model_dims[layer]
             hidden = torch.randn(n, n_tokens, width, device=self.device, requires_grad=True)  # (n, N, D)
 
             def proj_step(proj: nn.Module = proj, hidden: torch.Tensor = hidden) -> None:

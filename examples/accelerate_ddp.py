@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(args.seed)
     dim, heads = (32, 2) if args.tiny else (768, 12)
     model = Denoiser(size, patch=16, dim=dim, depth=12, heads=heads)
-    weight = 0.5 if args.stop_repa_at is None else schedules.stop_at(0.5, args.stop_repa_at)
+    weight = 0.5 if args.stop_repa_at is None else schedules.StopAt(0.5, args.stop_repa_at)
     reg = REPARegularizer(model, layers="blocks.3", encoders=encoder, weight=weight)
     reg.attach_to(model)  # the projectors become model.repa_projectors: prepared with the model
     reg.to(device)  # the step counter buffer

@@ -176,7 +176,7 @@ def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop
     assert two.returncode == 0, two.stdout + two.stderr
     assert "processes: 2" in two.stdout and "projectors in sync across 2 process(es)" in two.stdout
     assert [r for _, _, r in step_losses(two.stdout)][1:] == [0.0, 0.0]  # off from the 2nd step on
-    expected = plain_training(_load_example("accelerate_ddp.py"), steps=3, weight=schedules.stop_at(0.5, 1))
+    expected = plain_training(_load_example("accelerate_ddp.py"), steps=3, weight=schedules.StopAt(0.5, 1))
     assert checksum(two.stdout) == pytest.approx(expected, rel=1e-6)
 
 

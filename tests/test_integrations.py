@@ -181,7 +181,7 @@ def test_transformer_int_layers_hook_transformer_blocks_and_train_up_to_them(nam
     model = BUILDERS[name]()
     reg = REPARegularizer(model, layers=1, encoders=TARGET_DIM, projector_dim=16)
     assert reg.layer_names == ["transformer_blocks.1"]  # 0-based: the 2nd block
-    assert reg.hidden_dims == {"transformer_blocks.1": 16}  # heads * head_dim from the config
+    assert reg.model_dims == {"transformer_blocks.1": 16}  # heads * head_dim from the config
 
     run(name, model)
     n = IMAGE_TOKENS[name]
@@ -385,7 +385,7 @@ def test_unet_ints_index_down_mid_up_and_widths_come_from_the_config():
         )
     run("unet", model)
     for name in UNET_BLOCKS:
-        assert reg.hidden_dims[name] == seen[name].shape[1], name  # the channels each block outputs
+        assert reg.model_dims[name] == seen[name].shape[1], name  # the channels each block outputs
         tokens = selected_tokens(reg, name)  # (B, H*W, C), flattened from the (B, C, H, W) hidden states
         h, w = seen[name].shape[-2:]
         assert torch.equal(tokens, seen[name].flatten(2).transpose(1, 2)), name
@@ -448,7 +448,7 @@ def test_model_without_preset_works_with_explicit_names():
     model = PlainDenoiser()
     assert preset_for(model) is None
     reg = REPARegularizer(model, layers="trunk.1", encoders=TARGET_DIM, projector_dim=16)
-    assert reg.layer_names == ["trunk.1"] and reg.hidden_dims == {"trunk.1": 16}
+    assert reg.layer_names == ["trunk.1"] and reg.model_dims == {"trunk.1": 16}
     model(torch.rand(B, 3, 16, 16))
     loss = reg(features=torch.randn(B, 16, TARGET_DIM))  # 4x4 feature map -> 16 tokens
     assert torch.isfinite(loss)

@@ -1,5 +1,5 @@
 """Parity with the official REPA code (github.com/sihyun-yu/REPA): each test pins one behaviour of
-the reference that `repa` follows, against a hand-written formula (see README, "Parity with the
+the reference that `repa` follows, against a hand-written formula (see docs/parity.md, "Parity with the
 official code")."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _check_xavier(linear: torch.nn.Linear) -> None:
 
 
 def test_mlp_projector_is_initialized_like_the_reference():
-    proj = MLPProjector(256, 16, hidden_dim=256)  # default init bounds differ: 1/16 vs xavier 0.108 / 0.149
+    proj = MLPProjector(256, 16, projector_dim=256)  # default init bounds differ: 1/16 vs xavier 0.108 / 0.149
     linears = [m for m in proj if isinstance(m, torch.nn.Linear)]
     assert [i for i, m in enumerate(proj) if isinstance(m, torch.nn.Linear)] == [0, 2, 4]
     for linear in linears:

@@ -139,7 +139,7 @@ def test_unknown_layer_names_closest_matches():
     with pytest.raises(LayerNotFoundError, match=r"layers=9 is out of range for the model's 4 blocks"):
         REPARegularizer(model, layers=9, encoders=ConvEncoder())
     with pytest.raises(LayerNotFoundError, match="no nn.ModuleList"):
-        REPARegularizer(nn.Sequential(nn.Linear(2, 2)), layers=0, encoders=ConvEncoder(), hidden_dim=2)
+        REPARegularizer(nn.Sequential(nn.Linear(2, 2)), layers=0, encoders=ConvEncoder(), model_dim=2)
     with pytest.raises(ConfigError, match="layers= is empty"):
         REPARegularizer(model, layers=[], encoders=ConvEncoder())
 
@@ -147,11 +147,11 @@ def test_unknown_layer_names_closest_matches():
 def test_hidden_dim_inference_and_error():
     model = TinyDiT(dim=40)
     reg = REPARegularizer(model, layers=1, encoders=ConvEncoder(), projector_dim=8)
-    assert reg.hidden_dims == {"blocks.1": 40}  # not the 4x MLP or 2x modulation width
+    assert reg.model_dims == {"blocks.1": 40}  # not the 4x MLP or 2x modulation width
     seq = nn.Sequential(nn.Identity(), nn.Linear(4, 4))
-    with pytest.raises(HiddenDimError, match=r"pass hidden_dim="):
+    with pytest.raises(HiddenDimError, match=r"pass model_dim="):
         REPARegularizer(seq, layers="0", encoders=ConvEncoder())
-    reg = REPARegularizer(seq, layers="0", encoders=ConvEncoder(), hidden_dim=4, projector="linear")
+    reg = REPARegularizer(seq, layers="0", encoders=ConvEncoder(), model_dim=4, projector="linear")
     assert reg.projectors[0].in_features == 4
 
 
@@ -353,7 +353,7 @@ def test_tuple_and_feature_map_outputs():
     assert torch.isfinite(reg(x))
     net = ConvNet()  # (B, 12, 8, 8) feature map at blocks.1 for 16px input; encoder gives 4x4
     reg = REPARegularizer(net, layers=1, encoders=enc, projector_dim=8)
-    assert reg.hidden_dims == {"blocks.1": 12}
+    assert reg.model_dims == {"blocks.1": 12}
     net(x)
     out = reg(x, return_breakdown=True)
     assert torch.isfinite(out.total)
@@ -412,7 +412,7 @@ def test_step_counter_and_schedules(setup):
     run(model, x)
     out = reg(x, step=10, return_breakdown=True)
     assert seen[-1] == 10 and out.weight == 0.25 and reg.step.item() == 11
-    sched = REPARegularizer(model, layers=1, encoders=enc, projector_dim=8, weight=schedules.warmup(1.0, 4))
+    sched = REPARegularizer(model, layers=1, encoders=enc, projector_dim=8, weight=schedules.Warmup(1.0, 4))
     run(model, x)
     assert sched(x, step=2, return_breakdown=True).weight == pytest.approx(0.5)
     # the counter is restored from a state dict
@@ -424,23 +424,23 @@ def test_step_counter_and_schedules(setup):
 
 
 def test_schedule_values():
-    assert [schedules.stop_at(0.5, 2)(s) for s in range(4)] == [0.5, 0.5, 0.0, 0.0]
-    assert schedules.linear_decay(1.0, 10, 20)(15) == pytest.approx(0.5)
-    assert schedules.cosine_decay(1.0, 0, 10)(5) == pytest.approx(0.5)
-    assert schedules.cosine_decay(1.0, 0, 10)(0) == 1.0 and schedules.cosine_decay(1.0, 0, 10)(10) == 0.0
-    assert schedules.warmup(0.5, 10)(20) == 0.5
-    assert schedules.from_dict(schedules.stop_at(0.5, 7).to_dict()) == schedules.stop_at(0.5, 7)
+    assert [schedules.StopAt(0.5, 2)(s) for s in range(4)] == [0.5, 0.5, 0.0, 0.0]
+    assert schedules.LinearDecay(1.0, 10, 20)(15) == pytest.approx(0.5)
+    assert schedules.CosineDecay(1.0, 0, 10)(5) == pytest.approx(0.5)
+    assert schedules.CosineDecay(1.0, 0, 10)(0) == 1.0 and schedules.CosineDecay(1.0, 0, 10)(10) == 0.0
+    assert schedules.Warmup(0.5, 10)(20) == 0.5
+    assert schedules.from_dict(schedules.StopAt(0.5, 7).to_dict()) == schedules.StopAt(0.5, 7)
     with pytest.raises(ConfigError, match="weight must be a finite number >= 0"):
-        schedules.constant(-1)
+        schedules.Constant(-1)
     with pytest.raises(ConfigError, match="need 0 <= start < end"):
-        schedules.linear_decay(1.0, 5, 5)
+        schedules.LinearDecay(1.0, 5, 5)
 
 
 def test_zero_weight_skips_encoder_but_touches_every_projector_param(setup):
     model, enc, x = setup
     calls = []
     enc.register_forward_hook(lambda *a: calls.append(1))
-    reg = REPARegularizer(model, layers=[0, 1], encoders=enc, projector_dim=8, weight=schedules.stop_at(0.5, 1))
+    reg = REPARegularizer(model, layers=[0, 1], encoders=enc, projector_dim=8, weight=schedules.StopAt(0.5, 1))
     run(model, x)
     assert reg(x) != 0 and len(calls) == 1
     run(model, x)
@@ -620,7 +620,7 @@ def test_attach_to_makes_projectors_part_of_the_model(setup):
 # --------------------------------------------------------------------------- save / load
 def test_save_and_load_round_trip(tmp_path, setup):
     model, enc, x = setup
-    reg = REPARegularizer(model, layers=[0, 1], encoders=enc, projector="conv", kernel_size=3, weight=schedules.stop_at(0.5, 9))
+    reg = REPARegularizer(model, layers=[0, 1], encoders=enc, projector="conv", kernel_size=3, weight=schedules.StopAt(0.5, 9))
     run(model, x)
     reg(x)
     reg.save_pretrained(tmp_path)
@@ -632,7 +632,7 @@ def test_save_and_load_round_trip(tmp_path, setup):
         assert '"repa_version"' in fh.metadata()["repa_config"]
     reg.remove()
     loaded = REPARegularizer.from_pretrained(tmp_path, model, encoders=enc)
-    assert loaded.weight_fn == schedules.stop_at(0.5, 9) and loaded._step == 1
+    assert loaded.weight_fn == schedules.StopAt(0.5, 9) and loaded._step == 1
     for a, b in zip(reg.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     t = torch.rand(3)

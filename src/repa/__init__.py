@@ -14,10 +14,11 @@ from ._cpu import prefer_passive_openmp  # noqa: E402
 prefer_passive_openmp()  # the `repa` programs only, before torch loads: see repa/_cpu.py
 
 from . import errors, schedules  # noqa: E402
-from .losses import build_loss  # noqa: E402
-from .projectors import build_projector  # noqa: E402
+from .losses import build_loss, list_losses, register_loss  # noqa: E402
+from .projectors import build_projector, list_projectors, register_projector  # noqa: E402
 from .encoders import create_encoder, list_encoders, register_encoder  # noqa: E402
-from .presets import ModelPreset, register_preset  # noqa: E402
+from .presets import ModelPreset, list_presets, register_preset  # noqa: E402
+from .config import REPAConfig  # noqa: E402
 from .regularizer import REPAOutput, REPARegularizer  # noqa: E402
 from .dispersive import DispersiveOutput, DispersiveRegularizer  # noqa: E402
 from .self_alignment import SelfAlignmentOutput, SelfAlignmentRegularizer  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "REPARegularizer",
     "REPAOutput",
+    "REPAConfig",
     "DispersiveRegularizer",
     "DispersiveOutput",
     "SelfAlignmentRegularizer",
@@ -38,8 +40,13 @@ __all__ = [
     "register_encoder",
     "ModelPreset",
     "register_preset",
+    "list_presets",
     "build_loss",
+    "register_loss",
+    "list_losses",
     "build_projector",
+    "register_projector",
+    "list_projectors",
     "errors",
     "schedules",
 ]

@@ -20,6 +20,7 @@ base class holds exactly that, so each objective is one small class on top:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -41,6 +42,8 @@ class HookedObjective(nn.Module):
     Subclasses call ``super().__init__()``, then :meth:`_setup_weight` and
     :meth:`_setup_capture`, and in ``forward`` :meth:`_take_captures` then :meth:`_advance`.
     """
+
+    step: torch.Tensor  # the step counter buffer (registered by _setup_weight)
 
     #: file names used by :meth:`save_pretrained`; subclasses pick their own
     CONFIG_NAME = "repa_config.json"
@@ -76,8 +79,11 @@ class HookedObjective(nn.Module):
     # ------------------------------------------------------------------ public properties
     @property
     def config(self) -> Dict[str, Any]:
-        """The JSON-serializable configuration written by :meth:`save_pretrained`."""
-        return json.loads(json.dumps(self._config))
+        """The JSON-serializable configuration written by :meth:`save_pretrained` (a copy)."""
+        settings = self._config
+        if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+            settings = dataclasses.asdict(settings)
+        return json.loads(json.dumps(settings))
 
     def weight_at(self, step: Optional[int] = None) -> float:
         """The objective's weight at ``step`` (default: the current step)."""
@@ -163,7 +169,8 @@ class HookedObjective(nn.Module):
         """A zero that touches every trainable parameter (DDP then sees none unused)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if params:
-            return sum(p.sum() for p in params) * 0.0
+            total: torch.Tensor = sum((p.sum() for p in params[1:]), params[0].sum())
+            return total * 0.0
         return torch.zeros((), device=device)
 
     # ------------------------------------------------------------------ save / load

@@ -27,6 +27,7 @@ __all__ = [
     "strip_wrapper_prefixes",
     "find_block_list",
     "resolve_layers",
+    "infer_model_dim",
     "infer_hidden_dim",
     "CaptureHook",
 ]
@@ -133,7 +134,7 @@ def resolve_layers(
     """
     model = unwrap_model(model)
     names = _module_names(model)
-    specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    specs: List[LayerSpec] = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # type: ignore[list-item]
     if not specs:
         raise ConfigError("layers= is empty; pass at least one layer, e.g. layers=7 or layers='blocks.7'")
     out: List[str] = []
@@ -144,13 +145,13 @@ def resolve_layers(
     return [(name, names[name]) for name in out]
 
 
-def infer_hidden_dim(module: nn.Module, name: str = "") -> int:
+def infer_model_dim(module: nn.Module, name: str = "", arg: str = "model_dim") -> int:
     """Guess the width of a module's output from its parameters.
 
     Votes over the widths its layers touch (Linear in/out features, Conv in/out channels,
     norm shapes): in a transformer block the model width appears more often than the MLP or
     modulation widths, in a ResNet block the output channels do. An unclear vote raises
-    :class:`HiddenDimError` asking for ``hidden_dim=``.
+    :class:`HiddenDimError` naming ``arg``, the constructor argument that sets the width.
     """
     votes: Counter = Counter()
     for sub in module.modules():
@@ -173,9 +174,13 @@ def infer_hidden_dim(module: nn.Module, name: str = "") -> int:
         where = f" {name!r}" if name else ""
         raise HiddenDimError(
             f"cannot infer the output width of layer{where} ({type(module).__name__}) from its parameters "
-            f"(width votes: {dict(votes) or 'none'}); pass hidden_dim=<int> (or a dict layer -> int)"
+            f"(width votes: {dict(votes) or 'none'}); pass {arg}=<int> (or a dict layer -> int)"
         )
     return int(top[0][0])
+
+
+#: the name of 0.1.0
+infer_hidden_dim = infer_model_dim
 
 
 class CaptureHook:

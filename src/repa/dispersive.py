@@ -12,7 +12,8 @@ reads z_i = the flattened hidden state of sample i (all its tokens and channels)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,40 @@ from torch import nn
 
 from .base import HookedObjective
 from .capture import LayersLike, resolve_layers, unwrap_model
+from .config import settings_from_dict, settings_kwargs
 from .errors import ConfigError, ShapeMismatchError
-from .schedules import WeightLike, from_dict
+from .schedules import WeightLike
 
-__all__ = ["DispersiveRegularizer", "DispersiveOutput", "dispersive_loss", "DISPERSIVE_VARIANTS"]
+__all__ = ["DispersiveRegularizer", "DispersiveOutput", "DispersiveConfig", "dispersive_loss", "DISPERSIVE_VARIANTS"]
 
 DISPERSIVE_VARIANTS = ("infonce-l2", "infonce-cosine", "hinge", "covariance")
+
+
+@dataclass
+class DispersiveConfig:
+    """The settings of a :class:`DispersiveRegularizer` (``disp.config``, ``dispersive_config.json``).
+
+    ``weight`` is a number, a schedule's ``to_dict()`` or None (a callable, not saveable).
+    """
+
+    layers: List[str]
+    weight: Any = 0.5
+    variant: str = "infonce-l2"
+    temperature: float = 0.5
+    margin: float = 1.0
+    normalize_by_dim: bool = True
+    objective: str = "dispersive"
+
+    def __post_init__(self) -> None:
+        if self.variant not in DISPERSIVE_VARIANTS:
+            raise ConfigError(
+                f"variant={self.variant!r} is not a dispersive loss; choose from {list(DISPERSIVE_VARIANTS)}"
+            )
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r} (the paper uses 0.5)")
+        self.temperature = float(self.temperature)
+        self.margin = float(self.margin)
+        self.normalize_by_dim = bool(self.normalize_by_dim)
 
 
 class DispersiveOutput(NamedTuple):
@@ -149,30 +178,22 @@ class DispersiveRegularizer(HookedObjective):
         tokens: Any = None,
     ) -> None:
         super().__init__()
-        if variant not in DISPERSIVE_VARIANTS:
-            raise ConfigError(f"variant={variant!r} is not a dispersive loss; choose from {list(DISPERSIVE_VARIANTS)}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r} (the paper uses 0.5)")
+        settings = DispersiveConfig(
+            [], self._weight_config(weight), variant, temperature, margin, normalize_by_dim
+        )  # checks the values before anything is hooked
         if tokens is not None and not isinstance(tokens, slice) and not callable(tokens):
             raise ConfigError(f"tokens must be None, a slice or a callable, got {tokens!r}")
         base = unwrap_model(model)
         resolved = resolve_layers(base, layers)
         self._setup_weight(weight)
         self._setup_capture(model, base, resolved)
-        self.variant = variant
-        self.temperature = float(temperature)
-        self.margin = float(margin)
-        self.normalize_by_dim = bool(normalize_by_dim)
+        settings.layers = list(self.layer_names)
+        self._config = settings
+        self.variant = settings.variant
+        self.temperature = settings.temperature
+        self.margin = settings.margin
+        self.normalize_by_dim = settings.normalize_by_dim
         self._tokens = tokens
-        self._config = {
-            "objective": "dispersive",
-            "layers": self.layer_names,
-            "weight": self._weight_config(weight),
-            "variant": variant,
-            "temperature": self.temperature,
-            "margin": self.margin,
-            "normalize_by_dim": self.normalize_by_dim,
-        }
 
     def _call_name(self) -> str:
         return "disp"
@@ -223,19 +244,15 @@ class DispersiveRegularizer(HookedObjective):
         """Rebuild a regularizer saved by :meth:`save_pretrained` on ``model`` (step restored)."""
         config, state = cls._read_saved(directory)
         if config.get("objective") != "dispersive":
-            raise ConfigError(f"{str(directory)!r} holds a {config.get('objective', 'REPA')!r} objective, not dispersive")
-        weight = config["weight"]
-        kwargs: Dict[str, Any] = {
-            "weight": from_dict(weight) if isinstance(weight, dict) else weight,
-            "variant": config["variant"],
-            "temperature": config["temperature"],
-            "margin": config["margin"],
-            "normalize_by_dim": config["normalize_by_dim"],
-        }
+            raise ConfigError(
+                f"{str(directory)!r} holds a {config.get('objective', 'REPA')!r} objective, not dispersive"
+            )
+        settings = settings_from_dict(DispersiveConfig, config, repr(str(directory)))
+        kwargs = settings_kwargs(settings, exclude=("layers", "objective"))
         kwargs.update(overrides)
         if kwargs["weight"] is None:
             raise ConfigError("the saved regularizer used a custom weight callable; pass weight=... to from_pretrained")
-        reg = cls(model, config["layers"], **kwargs)
+        reg = cls(model, settings.layers, **kwargs)
         reg.load_state_dict(state)
         return reg
 

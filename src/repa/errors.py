@@ -52,7 +52,7 @@ class LayerNotFoundError(ConfigError):
 
 
 class HiddenDimError(ConfigError):
-    """The width of a hooked module cannot be inferred; pass ``hidden_dim=``."""
+    """The width of a hooked module cannot be inferred; pass ``model_dim=`` (``hidden_dim=`` for SRA)."""
 
 
 class InputRangeError(ConfigError):

@@ -13,7 +13,8 @@ callable.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ __all__ = [
     "mean_cosine_similarity",
     "zscore_targets",
     "build_loss",
-    "LOSSES",
+    "register_loss",
+    "list_losses",
 ]
 
 
@@ -118,7 +120,9 @@ def relation_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.mse_loss(_token_cosine_matrix(pred), _token_cosine_matrix(target))
 
 
-def _trd_rows(p_rows: torch.Tensor, p_all: torch.Tensor, t_rows: torch.Tensor, t_all: torch.Tensor, margin: float) -> torch.Tensor:
+def _trd_rows(
+    p_rows: torch.Tensor, p_all: torch.Tensor, t_rows: torch.Tensor, t_all: torch.Tensor, margin: float
+) -> torch.Tensor:
     """Sum over a block of rows of relu(|cos_pred - cos_target| - margin); inputs L2-normalized."""
     gap = (p_rows @ p_all.transpose(1, 2) - t_rows @ t_all.transpose(1, 2)).abs()  # (B, r, N)
     return F.relu(gap - margin).sum()
@@ -176,7 +180,7 @@ def zscore_targets(target: torch.Tensor, alpha: float = 0.6, eps: float = 1e-6) 
     return (y - alpha * mean) / (std + eps)
 
 
-LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
+_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "cosine": cosine_alignment,
     "nt-xent": nt_xent_alignment,
     "smooth-l1": smooth_l1_alignment,
@@ -186,13 +190,66 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "trd": token_relation_distillation,
 }
 
-# constructor keyword of REPARegularizer -> (loss name, keyword of the loss function)
-LOSS_OPTIONS: Dict[str, Dict[str, str]] = {
+# per loss: constructor keyword of REPARegularizer -> keyword of the loss function
+_LOSS_OPTIONS: Dict[str, Dict[str, str]] = {
     "nt-xent": {"temperature": "temperature"},
     "smooth-l1": {"beta": "beta"},
     "vf": {"margin_cos": "margin_cos", "margin_dist": "margin_dist"},
     "trd": {"margin": "margin", "relation_chunk": "chunk_size"},
 }
+
+
+def register_loss(
+    name: str, fn: Optional[Callable[..., torch.Tensor]] = None, *, options: Optional[Dict[str, str]] = None,
+    overwrite: bool = False,
+) -> Any:
+    """Register ``fn(pred, target, **kw) -> scalar`` under ``name`` (usable as ``loss=name``).
+
+    Use it as ``register_loss("mine", fn)`` or as a decorator ``@register_loss("mine")``.
+    ``options`` maps constructor keywords of :class:`~repa.REPARegularizer` to keywords of
+    ``fn`` (e.g. ``{"temperature": "tau"}``), so ``REPARegularizer(..., loss="mine",
+    temperature=0.2)`` binds ``tau=0.2``. ``overwrite=True`` replaces an existing entry.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_loss: name must be a non-empty string, got {name!r}")
+    key = name.lower()
+
+    def add(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if not callable(loss_fn):
+            raise ConfigError(
+                f"register_loss({name!r}, ...): expected a callable (pred, target) -> scalar, got {loss_fn!r}"
+            )
+        if key in _LOSSES and not overwrite:
+            raise ConfigError(f"loss {key!r} is already registered; pass overwrite=True to replace it")
+        _LOSSES[key] = loss_fn
+        _LOSS_OPTIONS.pop(key, None)
+        if options:
+            _LOSS_OPTIONS[key] = dict(options)
+        return loss_fn
+
+    return add if fn is None else add(fn)
+
+
+def list_losses() -> List[str]:
+    """The registered loss names, sorted (the values ``loss=`` accepts besides a callable)."""
+    return sorted(_LOSSES)
+
+
+def loss_option_keys() -> List[str]:
+    """Every constructor keyword some registered loss accepts (``temperature``, ``beta``, ...)."""
+    return sorted({k for opts in _LOSS_OPTIONS.values() for k in opts})
+
+
+def __getattr__(name: str) -> Any:
+    """``LOSSES`` and ``LOSS_OPTIONS``: deprecated public names of the registry's dicts."""
+    if name in ("LOSSES", "LOSS_OPTIONS"):
+        warnings.warn(
+            f"repa.losses.{name} is deprecated; use repa.register_loss / repa.list_losses",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _LOSSES if name == "LOSSES" else _LOSS_OPTIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_loss(loss: str | LossFn, options: Optional[Dict[str, Any]] = None) -> LossFn:
@@ -202,16 +259,16 @@ def build_loss(loss: str | LossFn, options: Optional[Dict[str, Any]] = None) -> 
         if options:
             raise ConfigError(f"loss options {sorted(options)} only apply to named losses, not to a callable")
         return loss
-    if not isinstance(loss, str) or loss.lower() not in LOSSES:
+    if not isinstance(loss, str) or loss.lower() not in _LOSSES:
         raise UnknownNameError(
-            f"unknown loss {loss!r}; choose from {sorted(LOSSES)} or pass a callable (pred, target) -> scalar"
+            f"unknown loss {loss!r}; choose from {list_losses()} or pass a callable (pred, target) -> scalar"
         )
     name = loss.lower()
-    allowed = LOSS_OPTIONS.get(name, {})
+    allowed = _LOSS_OPTIONS.get(name, {})
     bad = sorted(set(options) - set(allowed))
     if bad:
         raise ConfigError(
             f"option(s) {bad} do not apply to loss {name!r}; it accepts {sorted(allowed) or 'no options'}"
         )
-    fn = LOSSES[name]
+    fn = _LOSSES[name]
     return functools.partial(fn, **{allowed[k]: v for k, v in options.items()}) if options else fn

@@ -12,14 +12,17 @@ Projectors map tokens (B, N, D) -> (B, N, D_e). Those that need the spatial grid
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, UnknownNameError
 
-__all__ = ["MLPProjector", "LinearProjector", "ConvProjector", "build_projector", "PROJECTORS"]
+__all__ = [
+    "MLPProjector", "LinearProjector", "ConvProjector", "build_projector", "register_projector", "list_projectors",
+]
 
 
 def _xavier_init(linear: nn.Linear) -> None:
@@ -35,7 +38,7 @@ def _xavier_init(linear: nn.Linear) -> None:
 
 
 class MLPProjector(nn.Sequential):
-    """REPA's projector: Linear-SiLU-Linear-SiLU-Linear with hidden width ``hidden_dim`` (2048).
+    """REPA's projector: Linear-SiLU-Linear-SiLU-Linear with hidden width ``projector_dim`` (2048).
 
     Submodules ``0``, ``2``, ``4`` are the Linears, the names of the reference's
     ``projectors.{i}.{0,2,4}`` (so its weights load by name); initialized Xavier-uniform with
@@ -44,13 +47,22 @@ class MLPProjector(nn.Sequential):
 
     uses_grid = False
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, projector_dim: int = 2048, *, hidden_dim: Optional[int] = None
+    ) -> None:
+        if hidden_dim is not None:  # the name before 0.2: deprecated (the model's width is `model_dim`)
+            warnings.warn(
+                "MLPProjector(hidden_dim=...) is deprecated; pass projector_dim=... (the MLP's width)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            projector_dim = hidden_dim
         super().__init__(
-            nn.Linear(in_dim, hidden_dim),
+            nn.Linear(in_dim, projector_dim),
             nn.SiLU(),
-            nn.Linear(hidden_dim, hidden_dim),
+            nn.Linear(projector_dim, projector_dim),
             nn.SiLU(),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(projector_dim, out_dim),
         )
         self.reset_parameters()
 
@@ -90,7 +102,52 @@ class ConvProjector(nn.Module):
         return self.conv(fmap).flatten(2).transpose(1, 2)  # (B, N, D_e)
 
 
-PROJECTORS = {"mlp": MLPProjector, "linear": LinearProjector, "conv": ConvProjector}
+_PROJECTORS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLPProjector,
+    "linear": LinearProjector,
+    "conv": ConvProjector,
+}
+
+
+def register_projector(
+    name: str, factory: Optional[Callable[..., nn.Module]] = None, *, overwrite: bool = False
+) -> Any:
+    """Register ``factory(in_dim, out_dim) -> nn.Module`` under ``name`` (usable as ``projector=name``).
+
+    Use it as ``register_projector("mine", factory)`` or as a decorator. A module that reads
+    the token grid sets ``uses_grid = True`` and takes ``forward(x, grid)``.
+    ``overwrite=True`` replaces an existing entry.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_projector: name must be a non-empty string, got {name!r}")
+    key = name.lower()
+
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(fn):
+            raise ConfigError(f"register_projector({name!r}, ...): expected a callable (in_dim, out_dim) -> nn.Module")
+        if key in _PROJECTORS and not overwrite:
+            raise ConfigError(f"projector {key!r} is already registered; pass overwrite=True to replace it")
+        _PROJECTORS[key] = fn
+        return fn
+
+    return add if factory is None else add(factory)
+
+
+def list_projectors() -> List[str]:
+    """The registered projector names, sorted (the values ``projector=`` accepts besides a callable)."""
+    return sorted(_PROJECTORS)
+
+
+def __getattr__(name: str) -> Any:
+    """``PROJECTORS``: the deprecated public name of the registry's dict."""
+    if name == "PROJECTORS":
+        warnings.warn(
+            "repa.projectors.PROJECTORS is deprecated; use repa.register_projector / repa.list_projectors",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _PROJECTORS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ProjectorLike = Union[str, Callable[[int, int], nn.Module]]
 
@@ -116,16 +173,17 @@ def build_projector(
         if not isinstance(module, nn.Module):
             raise ConfigError(f"projector factory {kind!r} returned {type(module).__name__}, not an nn.Module")
         return module
-    if not isinstance(kind, str) or kind.lower() not in PROJECTORS:
+    if not isinstance(kind, str) or kind.lower() not in _PROJECTORS:
         raise UnknownNameError(
-            f"unknown projector {kind!r}; choose from {sorted(PROJECTORS)} or pass a callable (in_dim, out_dim) -> nn.Module"
+            f"unknown projector {kind!r}; choose from {list_projectors()} or pass a callable "
+            "(in_dim, out_dim) -> nn.Module"
         )
     kind = kind.lower()
     if kernel_size is not None and kind != "conv":
         raise ConfigError(f"kernel_size={kernel_size} only applies to projector='conv', not {kind!r}")
     kwargs: dict[str, Any] = {}
     if kind == "mlp":
-        kwargs["hidden_dim"] = projector_dim
+        kwargs["projector_dim"] = projector_dim
     elif kind == "conv" and kernel_size is not None:
         kwargs["kernel_size"] = kernel_size
-    return PROJECTORS[kind](in_dim, out_dim, **kwargs)
+    return _PROJECTORS[kind](in_dim, out_dim, **kwargs)

@@ -13,43 +13,52 @@ clean images (B, N_e, D_e), resampled to the model's grid when they differ -> me
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .base import HookedObjective
-from .capture import LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
-from .errors import (
-    CaptureError,
-    ConfigError,
-    GridMismatchError,
-    InputRangeError,
-    NonFiniteInputError,
-    REPAError,
-    ShapeMismatchError,
-    StateDictError,
+from .capture import LayersLike, infer_model_dim, resolve_layers, unwrap_model
+from .config import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    REPAConfig,
+    check_input_range,
+    check_mismatch,
+    check_resample,
+    check_target_norm,
+    read_saved_config,
 )
-from .grid import Grid, as_grid, as_token_grid, flatten_feature_map, format_grid, grid_cells, infer_grid, resample_tokens
-from .losses import LOSS_OPTIONS, build_loss, mean_cosine_similarity, zscore_targets
+from .errors import ConfigError, GridMismatchError, REPAError, ShapeMismatchError, StateDictError
+from .grid import (
+    AnyGrid,
+    Grid,
+    as_grid,
+    as_token_grid,
+    flatten_feature_map,
+    format_grid,
+    grid_cells,
+    infer_grid,
+    resample_tokens,
+)
+from .inputs import check_finite_features, check_nonempty, features_by_encoder, matching_image_size, normalize_images
+from .losses import build_loss, loss_option_keys, mean_cosine_similarity, zscore_targets
 from .presets import ModelPreset, preset_for
 from .projectors import build_projector
-from .schedules import WeightLike, from_dict
+from .schedules import WeightLike
 from .video import VIDEO_OPTION_KEYS, VideoOptions, encode_video_targets, is_video_call, video_feature_targets
 
-__all__ = ["REPARegularizer", "REPAOutput"]
-
-CONFIG_NAME = "repa_config.json"
-WEIGHTS_NAME = "repa_projectors.safetensors"
+__all__ = ["REPARegularizer", "REPAOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 EncoderLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
 
-# keyword options of the pieces, accepted as constructor keywords
-_LOSS_KEYS = sorted({k for opts in LOSS_OPTIONS.values() for k in opts})
-_OPTION_KEYS = ["kernel_size", "target_norm", "alpha", *_LOSS_KEYS, *VIDEO_OPTION_KEYS]
+
+def _option_keys() -> List[str]:
+    """Keyword options of the pieces accepted as constructor keywords (losses registered later included)."""
+    return ["kernel_size", "target_norm", "alpha", *loss_option_keys(), *VIDEO_OPTION_KEYS]
 
 
 class REPAOutput(NamedTuple):
@@ -131,6 +140,20 @@ def _per_layer(value: Any, layer: str, what: str, layers: Sequence[str]) -> Any:
     return value
 
 
+def _model_dim_alias(model_dim: Any, options: Dict[str, Any]) -> Any:
+    """``model_dim``, or the value of its deprecated name ``hidden_dim`` (0.1.0) popped from ``options``."""
+    if "hidden_dim" not in options:
+        return model_dim
+    if model_dim is not None:
+        raise ConfigError("pass model_dim= only (hidden_dim= is its deprecated name), not both")
+    warnings.warn(
+        "REPARegularizer(hidden_dim=...) is deprecated; pass model_dim=... (the hooked layers' width)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return options.pop("hidden_dim")
+
+
 class REPARegularizer(HookedObjective):
     """Representation alignment (REPA) as a regularizer attached to any model by forward hooks.
 
@@ -157,8 +180,9 @@ class REPARegularizer(HookedObjective):
         mismatch: ``"interpolate"`` resamples when model and encoder grids differ, ``"error"``
             raises :class:`~repa.errors.GridMismatchError`.
         input_range: the range of float images passed to the call, e.g. ``(-1, 1)``.
-        hidden_dim: width of the hooked outputs (int or dict layer -> int) when it cannot be
-            inferred from the hooked module's parameters.
+        model_dim: width of the hooked outputs (int or dict layer -> int) when it cannot be
+            inferred from the hooked module's parameters. ``hidden_dim=`` is its deprecated
+            name (0.1.0).
         encoder_kwargs: keywords for :func:`repa.encoders.create_encoder` (registry names).
         resample: ``"target"`` (resample encoder tokens to the model grid) or ``"model"``
             (resample projected model tokens to the encoder grid, as U-REPA does).
@@ -186,24 +210,21 @@ class REPARegularizer(HookedObjective):
         grid: Any = None,
         mismatch: str = "interpolate",
         input_range: Tuple[float, float] = (0.0, 1.0),
-        hidden_dim: Union[int, Dict[str, int], None] = None,
+        model_dim: Union[int, Dict[str, int], None] = None,
         encoder_kwargs: Optional[Dict[str, Any]] = None,
         resample: Optional[str] = None,
         check_inputs: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(_OPTION_KEYS))
+        model_dim = _model_dim_alias(model_dim, options)
+        unknown = sorted(set(options) - set(_option_keys()))
         if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_OPTION_KEYS}")
-        if mismatch not in ("interpolate", "error"):
-            raise ConfigError(f"mismatch must be 'interpolate' or 'error', got {mismatch!r}")
-        lo, hi = (float(v) for v in input_range)
-        if not lo < hi:
-            raise ConfigError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+            raise ConfigError(f"unknown option(s) {unknown}; REPARegularizer accepts {_option_keys()}")
+        check_mismatch(mismatch)
+        lo, hi = check_input_range(input_range)
         target_norm = options.pop("target_norm", None)
-        if target_norm not in (None, "zscore"):
-            raise ConfigError(f"target_norm must be None or 'zscore', got {target_norm!r}")
+        check_target_norm(target_norm)
         alpha = float(options.pop("alpha", 0.6))
         kernel_size = options.pop("kernel_size", None)
         self.video = VideoOptions.pop_from(options)  # video_layout, temporal_compression, ... (repa.video)
@@ -212,8 +233,7 @@ class REPARegularizer(HookedObjective):
         base = unwrap_model(model)
         self._preset: Optional[ModelPreset] = preset_for(base)
         resample = resample or (self._preset.resample if self._preset else "target")
-        if resample not in ("target", "model"):
-            raise ConfigError(f"resample must be 'target' or 'model', got {resample!r}")
+        check_resample(resample)
 
         blocks = self._preset.blocks(base) if self._preset else None
         resolved = resolve_layers(base, layers, blocks=blocks)
@@ -225,19 +245,13 @@ class REPARegularizer(HookedObjective):
         self._encoders: List[Any] = enc_list
         self.encoder_dims: List[int] = [_encoder_dim(e, n) for e, n in zip(enc_list, self.encoder_names)]
 
-        # hooked widths
-        self.hidden_dims: Dict[str, int] = {}
-        for name, module in resolved:
-            dim = _per_layer(hidden_dim, name, "hidden_dim", self.layer_names)
-            if dim is None and self._preset and self._preset.hidden_dim:
-                dim = self._preset.hidden_dim(base, name)
-            self.hidden_dims[name] = int(dim) if dim is not None else infer_hidden_dim(module, name)
+        self.model_dims: Dict[str, int] = self._resolve_model_dims(resolved, model_dim, base)
 
-        self.pairs: List[Tuple[str, str]] = [(l, e) for l in self.layer_names for e in self.encoder_names]
+        self.pairs: List[Tuple[str, str]] = [(ly, e) for ly in self.layer_names for e in self.encoder_names]
         self.projectors = nn.ModuleList(
             build_projector(
                 projector,
-                self.hidden_dims[layer],
+                self.model_dims[layer],
                 self.encoder_dims[self.encoder_names.index(enc)],
                 projector_dim=projector_dim,
                 kernel_size=kernel_size,
@@ -247,34 +261,27 @@ class REPARegularizer(HookedObjective):
         self.loss_fn = build_loss(loss, loss_options)
 
         self._tokens = {n: self._token_selector(tokens, n, base) for n in self.layer_names}
-        self._grids = {}
-        for n in self.layer_names:
-            g = _per_layer(grid, n, "grid", self.layer_names)
-            self._grids[n] = as_token_grid(g) if g is not None else None
-        # video presets record each forward's (t, h, w) token grid from the model's input
-        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
-        if self._grid_tracker is not None:
-            self._grid_tracker.owner = self
+        self._setup_grids(grid, base)
         self.mismatch = mismatch
         self.resample = resample
         self.input_range = (lo, hi)
         self.target_norm = target_norm
         self.alpha = alpha
         self.check_inputs = check_inputs
-        self._config = {
-            "layers": self.layer_names,
-            "encoders": self.encoder_names,
-            "encoder_dims": self.encoder_dims,
-            "hidden_dims": self.hidden_dims,
-            "weight": self._weight_config(weight),
-            "projector": projector if isinstance(projector, str) else None,
-            "projector_dim": projector_dim,
-            "loss": loss if isinstance(loss, str) else None,
-            "grid": {n: list(g) for n, g in self._grids.items() if g is not None} or None,
-            "mismatch": mismatch,
-            "input_range": [lo, hi],
-            "resample": resample,
-            "options": {
+        self._config = REPAConfig(
+            layers=list(self.layer_names),
+            encoders=list(self.encoder_names),
+            encoder_dims=list(self.encoder_dims),
+            model_dims=dict(self.model_dims),
+            weight=self._weight_config(weight),
+            projector=projector if isinstance(projector, str) else None,
+            projector_dim=projector_dim,
+            loss=loss if isinstance(loss, str) else None,
+            grid={n: list(g) for n, g in self._grids.items() if g is not None} or None,
+            mismatch=mismatch,
+            input_range=[lo, hi],
+            resample=resample,
+            options={
                 k: v
                 for k, v in {
                     "target_norm": target_norm, "alpha": alpha, "kernel_size": kernel_size, **loss_options,
@@ -282,7 +289,7 @@ class REPARegularizer(HookedObjective):
                 }.items()
                 if v is not None
             },
-        }
+        )
 
         # capture state (plain attributes: not module state), shared with the other objectives
         self._setup_capture(model, base, resolved)
@@ -298,7 +305,8 @@ class REPARegularizer(HookedObjective):
             items = [(None, encoders)]
         if not items:
             raise ConfigError("encoders= is empty; pass at least one encoder, e.g. encoders='dinov2-vit-b'")
-        built, names = [], []
+        built: List[Any] = []
+        names: List[str] = []
         for key, enc in items:
             if isinstance(enc, str):
                 from .encoders import create_encoder
@@ -328,6 +336,29 @@ class REPARegularizer(HookedObjective):
             names.append(name)
         return built, names
 
+    def _resolve_model_dims(
+        self, resolved: Sequence[Tuple[str, nn.Module]], model_dim: Any, base: nn.Module
+    ) -> Dict[str, int]:
+        """Each hooked layer's width: ``model_dim=`` if given, else the preset's, else inferred."""
+        dims: Dict[str, int] = {}
+        for name, module in resolved:
+            dim = _per_layer(model_dim, name, "model_dim", self.layer_names)
+            if dim is None and self._preset and self._preset.hidden_dim:
+                dim = self._preset.hidden_dim(base, name)
+            dims[name] = int(dim) if dim is not None else infer_model_dim(module, name)
+        return dims
+
+    def _setup_grids(self, grid: Any, base: nn.Module) -> None:
+        """Each layer's token grid from ``grid=`` (or None: inferred per call), and a video preset's tracker."""
+        self._grids: Dict[str, Optional[AnyGrid]] = {}
+        for n in self.layer_names:
+            g = _per_layer(grid, n, "grid", self.layer_names)
+            self._grids[n] = as_token_grid(g) if g is not None else None
+        # video presets record each forward's (t, h, w) token grid from the model's input
+        self._grid_tracker = self._preset.video(base) if self._preset and self._preset.video else None
+        if self._grid_tracker is not None:
+            self._grid_tracker.owner = self
+
     def _token_selector(self, tokens: Any, layer: str, base: nn.Module) -> Any:
         sel = _per_layer(tokens, layer, "tokens", self.layer_names)
         if sel is None and self._preset and self._preset.tokens:
@@ -337,6 +368,17 @@ class REPARegularizer(HookedObjective):
         return sel
 
     # ------------------------------------------------------------------ public properties
+    @property
+    def repa_config(self) -> REPAConfig:
+        """The regularizer's settings as a :class:`~repa.config.REPAConfig` (a copy)."""
+        return REPAConfig(**self._config.to_dict())
+
+    @property
+    def hidden_dims(self) -> Dict[str, int]:
+        """Deprecated name (0.1.0) of :attr:`model_dims`, the hooked layers' widths."""
+        warnings.warn("reg.hidden_dims is deprecated; use reg.model_dims", DeprecationWarning, stacklevel=2)
+        return self.model_dims
+
     @property
     def encoders(self) -> List[Any]:
         """The frozen encoders, in the order of :attr:`encoder_names`."""
@@ -422,14 +464,14 @@ class REPARegularizer(HookedObjective):
             losses.append(self.loss_fn(pred, target))
             if return_breakdown:  # logging only: keep it off the plain training call
                 cosines[f"{layer}/{enc_name}"] = mean_cosine_similarity(pred.detach(), target)
-        loss = torch.stack([l.float() for l in losses]).mean()
+        loss = torch.stack([term.float() for term in losses]).mean()
         total = weight * loss
         if return_breakdown:
             return REPAOutput(total, loss.detach(), weight, cosines)
         return total
 
     # ------------------------------------------------------------------ pieces of the call
-    def _hidden_tokens(self, layer: str, output: Any) -> Tuple[torch.Tensor, Grid]:
+    def _hidden_tokens(self, layer: str, output: Any) -> Tuple[torch.Tensor, AnyGrid]:
         sel = self._tokens[layer]
         if callable(sel):
             x = sel(output)
@@ -458,7 +500,7 @@ class REPARegularizer(HookedObjective):
             )
         if isinstance(sel, slice):
             x = x[:, sel]  # (B, N_img, D)
-        _check_nonempty(x, f"the output of layer {layer!r}")
+        check_nonempty(x, f"the output of layer {layer!r}")
         n = x.shape[1]
         if grid is None:
             grid = infer_grid(n, what=f"tokens from layer {layer!r}")
@@ -467,73 +509,30 @@ class REPARegularizer(HookedObjective):
                 f"grid={grid} of layer {layer!r} has {grid_cells(grid)} cells but the layer gives {n} image tokens; "
                 "fix grid= (video: (t, h, w) after patching) or tokens="
             )
-        if x.shape[-1] != self.hidden_dims[layer]:
+        if x.shape[-1] != self.model_dims[layer]:
             raise ShapeMismatchError(
-                f"layer {layer!r} gives width {x.shape[-1]} but its projector expects {self.hidden_dims[layer]}; "
-                f"pass hidden_dim={x.shape[-1]}"
+                f"layer {layer!r} gives width {x.shape[-1]} but its projector expects {self.model_dims[layer]}; "
+                f"pass model_dim={x.shape[-1]}"
             )
         return x, grid
 
     def _normalize_images(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ShapeMismatchError(
-                f"images must be a (B, C, H, W) tensor, got "
-                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
-            )
-        _check_nonempty(images, "images")
-        if images.dtype == torch.uint8:
-            return images.float() / 255.0
-        if not images.is_floating_point():
-            raise InputRangeError(f"images must be uint8 (0-255) or float, got dtype {images.dtype}")
-        lo, hi = self.input_range
-        if self.check_inputs:
-            mn, mx = (float(v) for v in torch.stack(torch.aminmax(images.detach().float())).tolist())
-            if not (math.isfinite(mn) and math.isfinite(mx)):  # aminmax propagates NaN: no extra pass
-                raise NonFiniteInputError(
-                    f"images hold non-finite values (min {mn}, max {mx}); NaN or Inf pixels make the encoder's "
-                    "targets NaN: check the data pipeline (decoding, normalization) before reg(images)"
-                )
-            tol = 1e-3 * (hi - lo)
-            if mn < lo - tol or mx > hi + tol:
-                raise InputRangeError(
-                    f"float images span [{mn:.3g}, {mx:.3g}] but input_range=({lo:g}, {hi:g}); pass "
-                    f"REPARegularizer(..., input_range=(-1, 1)) for images in [-1, 1], or uint8 images"
-                )
-        images = images.float()
-        if (lo, hi) != (0.0, 1.0):
-            images = (images - lo) / (hi - lo)
-        return images.clamp(0.0, 1.0)  # never in place: the caller still owns `images`
+        return normalize_images(images, self.input_range, self.check_inputs)
 
     def _features_by_encoder(self, features: Any) -> Dict[str, torch.Tensor]:
-        names = self.encoder_names
-        if isinstance(features, torch.Tensor):
-            if len(names) != 1:
-                raise ConfigError(
-                    f"features= is one tensor but there are {len(names)} encoders {names}; pass a list or dict"
-                )
-            return {names[0]: features}
-        if isinstance(features, (list, tuple)):
-            if len(features) != len(names):
-                raise ConfigError(f"features= has {len(features)} entries for {len(names)} encoders {names}")
-            return dict(zip(names, features))
-        if isinstance(features, dict):
-            missing, extra = sorted(set(names) - set(features)), sorted(set(features) - set(names))
-            if missing or extra:
-                raise ConfigError(f"features= keys must be the encoder names {names}; missing {missing}, unknown {extra}")
-            return dict(features)
-        raise ConfigError(f"features= must be a tensor, a list or a dict of tensors, got {type(features).__name__}")
+        return features_by_encoder(features, self.encoder_names)
 
-    def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, Grid]]:
+    def _targets(self, images: Any, features: Any, captures: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, AnyGrid]]:
         if (images is None) == (features is None):
             raise ConfigError("pass exactly one of images= (clean images) or features= (precomputed targets)")
         if is_video_call(images, features, self.encoder_dims):  # (B, C, T, H, W) clips: repa.video
             return encode_video_targets(self, images) if features is None else video_feature_targets(self, features)
-        out: Dict[str, Tuple[torch.Tensor, Grid]] = {}
+        out: Dict[str, Tuple[torch.Tensor, AnyGrid]] = {}
         if features is not None:
             raw = self._features_by_encoder(features)
             image_size = None
             if self.check_inputs:
-                _check_finite_features(raw)
+                check_finite_features(raw)
         else:
             x = self._normalize_images(images)
             image_size = tuple(x.shape[-2:])
@@ -553,7 +552,7 @@ class REPARegularizer(HookedObjective):
                     f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
                 )
             y = y.detach()
-            _check_nonempty(y, f"targets of encoder {name!r}")
+            check_nonempty(y, f"targets of encoder {name!r}")
             if y.ndim == 4:
                 if y.shape[1] != dim:
                     raise ShapeMismatchError(f"encoder {name!r} feature map has {y.shape[1]} channels, expected {dim}")
@@ -563,24 +562,27 @@ class REPARegularizer(HookedObjective):
                     raise ShapeMismatchError(
                         f"targets of encoder {name!r} have width {y.shape[-1]}, expected {dim} (shape {tuple(y.shape)})"
                     )
-                grid = None
+                told: Optional[Grid] = None  # the encoder's own grid() for this image size, if it fits
                 if image_size is not None and hasattr(enc, "grid"):
                     g = as_grid(enc.grid(image_size))
-                    grid = g if g[0] * g[1] == y.shape[1] else None
-                grid = grid or infer_grid(y.shape[1], what=f"target tokens of encoder {name!r}")
+                    told = g if g[0] * g[1] == y.shape[1] else None
+                grid = told or infer_grid(y.shape[1], what=f"target tokens of encoder {name!r}")
             y = y.float()
             if self.target_norm == "zscore":
                 y = zscore_targets(y, self.alpha)
             out[name] = (y, grid)
         return out
 
-    def _mismatch_message(self, layer: str, enc_name: str, grid_m: Grid, grid_e: Grid, images: Any) -> str:
-        msg = f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives {format_grid(grid_e)}"
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+    def _mismatch_message(self, layer: str, enc_name: str, grid_m: AnyGrid, grid_e: AnyGrid, images: Any) -> str:
+        msg = (
+            f"layer {layer!r} has a {format_grid(grid_m)} token grid but encoder {enc_name!r} gives "
+            f"{format_grid(grid_e)}"
+        )
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and len(grid_m) == 2 and len(grid_e) == 2:
             size = (int(images.shape[-2]), int(images.shape[-1]))
             msg += f" for {size[0]}x{size[1]} images"
             enc = self._encoders[self.encoder_names.index(enc_name)]
-            fit = _matching_image_size(enc, images, grid_e, grid_m)
+            fit = matching_image_size(enc, images, (grid_e[0], grid_e[1]), (grid_m[0], grid_m[1]))
             if fit is not None:
                 msg += f"; images of {fit[0]}x{fit[1]} would give the encoder a matching grid"
         return msg + "; pass mismatch='interpolate' to resample the targets instead"
@@ -613,7 +615,7 @@ class REPARegularizer(HookedObjective):
         if not os.path.isfile(weights_path):
             raise StateDictError(f"no {WEIGHTS_NAME} in {str(directory)!r}; save one with reg.save_pretrained(dir)")
         config_path = os.path.join(directory, CONFIG_NAME)
-        config = _read_saved_config(config_path, weights_path)
+        config = read_saved_config(config_path, weights_path)
         try:
             state = load_file(weights_path)
         except Exception as exc:  # SafetensorError (bad header, truncated), OSError
@@ -625,30 +627,21 @@ class REPARegularizer(HookedObjective):
         if broken:
             raise StateDictError(f"{weights_path!r} holds NaN or infinite values in {broken}; the file is damaged")
         try:
-            kwargs: Dict[str, Any] = {
-                "weight": from_dict(config["weight"]) if isinstance(config["weight"], dict) else config["weight"],
-                "projector": config["projector"],
-                "projector_dim": config["projector_dim"],
-                "loss": config["loss"],
-                "grid": {k: tuple(v) for k, v in (config.get("grid") or {}).items()} or None,
-                "mismatch": config["mismatch"],
-                "input_range": tuple(config["input_range"]),
-                "hidden_dim": config["hidden_dims"],
-                "resample": config.get("resample"),
-                **(config.get("options") or {}),
-            }
+            kwargs = config.to_kwargs()
         except REPAError:
             raise
         except (TypeError, ValueError) as exc:  # e.g. a schedule object with unknown fields
             raise ConfigError(f"{config_path!r} holds an invalid setting ({exc}); save the regularizer again") from exc
+        if "hidden_dim" in overrides:  # the name of 0.1.0 replaces the saved widths
+            kwargs.pop("model_dim")
         kwargs.update(overrides)
         for key in ("weight", "projector", "loss"):
             if kwargs.get(key) is None:
                 raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
         if encoders is None:
-            encoders = dict(zip(config["encoders"], config["encoders"]))
+            encoders = dict(zip(config.encoders, config.encoders))
         try:
-            reg = cls(model, config["layers"], encoders, **kwargs)
+            reg = cls(model, config.layers, encoders, **kwargs)
         except REPAError:
             raise
         except (TypeError, ValueError, KeyError) as exc:  # a value of the right type that the pieces reject
@@ -657,10 +650,10 @@ class REPARegularizer(HookedObjective):
                 f"({type(exc).__name__}: {exc}); save it again with reg.save_pretrained(dir)"
             ) from exc
         try:  # on failure, leave the model without this regularizer's hooks
-            if reg.encoder_dims != config["encoder_dims"]:
+            if reg.encoder_dims != config.encoder_dims:
                 raise StateDictError(
-                    f"encoder widths {reg.encoder_dims} differ from the saved {config['encoder_dims']} "
-                    f"(encoders {config['encoders']}); pass the encoders the projectors were trained with"
+                    f"encoder widths {reg.encoder_dims} differ from the saved {config.encoder_dims} "
+                    f"(encoders {config.encoders}); pass the encoders the projectors were trained with"
                 )
             reg.load_state_dict(state)
         except BaseException:
@@ -693,165 +686,6 @@ class REPARegularizer(HookedObjective):
 
     def extra_repr(self) -> str:
         return (
-            f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config['loss']}, "
+            f"layers={self.layer_names}, encoders={self.encoder_names}, loss={self._config.loss}, "
             f"mismatch={self.mismatch!r}, step={self._step}"
         )
-
-
-def _check_nonempty(x: torch.Tensor, what: str) -> None:
-    """An empty batch (or zero tokens) has no alignment loss to compute: say so instead of a NaN mean."""
-    if x.ndim >= 2 and (x.shape[0] == 0 or x.shape[1] == 0):
-        raise ShapeMismatchError(
-            f"{what} has shape {tuple(x.shape)}: an empty batch (or no tokens); call reg() only for batches "
-            "with at least one item"
-        )
-
-
-def _check_finite_features(features: Dict[str, Any]) -> None:
-    """Precomputed targets must be finite; one fused reduction per encoder and one host sync for all.
-
-    ``aminmax`` is the reduction: NaN propagates through min and max and Inf shows in them, in
-    one pass without the boolean tensor ``isfinite`` would allocate.
-    """
-    tensors = {n: t for n, t in features.items() if isinstance(t, torch.Tensor) and t.numel() > 0}
-    if not tensors:
-        return
-    extremes = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors.values()]  # (2,) per encoder
-    if len({e.device for e in extremes}) == 1:
-        values = torch.stack(extremes).tolist()  # a single host sync
-    else:
-        values = [e.tolist() for e in extremes]
-    bad = [n for n, (lo, hi) in zip(tensors, values) if not (math.isfinite(lo) and math.isfinite(hi))]
-    if bad:
-        t = tensors[bad[0]].detach().float()
-        raise NonFiniteInputError(
-            f"features= for encoder {bad[0]!r} hold {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} "
-            f"Inf value(s) (shape {tuple(t.shape)}); the targets are damaged: for a feature cache run "
-            "`repa cache verify DIR` and rebuild it with its `repa cache` command"
-            + (f" (also bad: {bad[1:]})" if len(bad) > 1 else "")
-        )
-
-
-def _matching_image_size(encoder: Any, images: torch.Tensor, grid_e: Grid, grid_m: Grid) -> Optional[Grid]:
-    """An image size (H, W) for which ``encoder`` returns the grid ``grid_m``, or None if none is found.
-
-    The encoder's stride is derived from the batch it was given (``H / h_e``, ``W / w_e``), so
-    the estimate ``grid_m * stride`` works for any encoder whose grid follows the image size,
-    a user's own module included. The estimate is checked with the encoder's ``grid()`` method
-    where it has one, else with one forward of a blank (1, C, H, W) image; encoders that resize
-    their input (DINOv2: 256 -> 224 px) are also searched over square sizes through ``grid()``.
-    """
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    has_grid = callable(getattr(encoder, "grid", None))
-
-    def grid_at(hw: Grid) -> Optional[Grid]:
-        try:
-            if has_grid:
-                return as_grid(encoder.grid(hw))
-            param = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
-            blank = torch.zeros(1, images.shape[1], *hw, device=images.device,  # (1, C, H, W)
-                                dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
-            with torch.no_grad():
-                out = encoder(blank)
-            if out.ndim == 4:  # (1, D, h, w)
-                return (int(out.shape[-2]), int(out.shape[-1]))
-            return infer_grid(int(out.shape[1]))  # (1, N, D): square grids only
-        except Exception:  # a size the encoder cannot take: no suggestion from it
-            return None
-
-    if grid_e[0] > 0 and grid_e[1] > 0:
-        estimate = tuple(int(round(g_m * s / g_e)) for g_m, s, g_e in zip(grid_m, size, grid_e))  # grid_m * stride
-        if 0 < min(estimate) and max(estimate) <= 8192 and grid_at(estimate) == tuple(grid_m):
-            return estimate  # type: ignore[return-value]
-    if has_grid and grid_m[0] == grid_m[1]:
-        for r in range(8, 2049, 8):
-            if grid_at((r, r)) == tuple(grid_m):
-                return (r, r)
-    return None
-
-
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > low - 1
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_names(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
-
-
-def _is_grids(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and all(isinstance(g, list) and len(g) in (2, 3) and all(_is_int(x, 1) for x in g)
-                                                     for g in v.values()))  # (h, w), or (t, h, w) for video
-
-
-#: Fields of ``repa_config.json``: (check, what is expected); those of _OPTIONAL_FIELDS may be absent.
-_SAVED_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "layers": (_is_names, "a list of module names"),
-    "encoders": (_is_names, "a list of encoder names"),
-    "encoder_dims": (lambda v: isinstance(v, list) and all(_is_int(x, 1) for x in v), "a list of positive ints"),
-    "hidden_dims": (lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()), "an object layer -> int"),
-    "weight": (lambda v: v is None or _is_number(v) or isinstance(v, dict), "a number, a schedule object or null"),
-    "projector": (lambda v: v is None or isinstance(v, str), "a projector name or null"),
-    "projector_dim": (lambda v: _is_int(v, 1), "a positive int"),
-    "loss": (lambda v: v is None or isinstance(v, str), "a loss name or null"),
-    "mismatch": (lambda v: isinstance(v, str), "'interpolate' or 'error'"),
-    "input_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), "[low, high]"),
-}
-_OPTIONAL_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "grid": (_is_grids, "null or an object layer -> [h, w] or [t, h, w]"),
-    "resample": (lambda v: v is None or isinstance(v, str), "'target', 'model' or null"),
-    "options": (lambda v: v is None or isinstance(v, dict), "an object of options"),
-}
-
-
-def _read_saved_config(config_path: str, weights_path: str) -> Dict[str, Any]:
-    """The config :meth:`REPARegularizer.save_pretrained` wrote, checked field by field.
-
-    Raises:
-        ConfigError: not valid JSON, not an object, missing fields or values of the wrong type.
-        StateDictError: neither the JSON file nor the weights file's metadata holds a config.
-    """
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {config_path!r} ({type(exc).__name__}: {exc})") from exc
-        where = repr(config_path)
-    else:  # save_pretrained also stores the config in the safetensors metadata
-        from safetensors import safe_open
-
-        try:
-            with safe_open(weights_path, "pt") as fh:
-                text = (fh.metadata() or {}).get("repa_config")
-        except Exception as exc:  # SafetensorError
-            raise StateDictError(f"cannot read {weights_path!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
-        if text is None:
-            raise StateDictError(
-                f"no {CONFIG_NAME} beside {weights_path!r} and no config in its metadata; save the regularizer "
-                "again with reg.save_pretrained(dir)"
-            )
-        where = f"the metadata of {weights_path!r}"
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{where} is not valid JSON ({exc}); restore it (save_pretrained also stores it in the metadata of "
-            f"{WEIGHTS_NAME}: delete the damaged file to use that copy) or save the regularizer again"
-        ) from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where} must hold a JSON object of settings, got {type(config).__name__}")
-    missing = [k for k in _SAVED_FIELDS if k not in config]
-    if missing:
-        raise ConfigError(f"{where} lacks the field(s) {missing}; save the regularizer again with reg.save_pretrained(dir)")
-    wrong = [
-        f"{key}={config[key]!r} (expected {what})"
-        for key, (ok, what) in {**_SAVED_FIELDS, **_OPTIONAL_FIELDS}.items()
-        if key in config and not ok(config[key])
-    ]
-    if wrong:
-        raise ConfigError(f"{where} holds values of the wrong type: {'; '.join(wrong)}; save the regularizer again")
-    return config

@@ -5,12 +5,15 @@ at a fixed step; small-scale runs benefit from decays. While a schedule returns 
 regularizer skips the encoder and projectors entirely.
 
 Every schedule is a small callable object with a ``to_dict()`` so it can be saved with a
-regularizer's config and rebuilt with :func:`from_dict`.
+regularizer's config and rebuilt with :func:`from_dict`. Each has one name, its class
+(``StopAt(0.5, 250_000)``); the lower-case names of 0.1.0 (``stop_at``, ...) still work and
+warn (deprecated).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Union
 
@@ -23,11 +26,6 @@ __all__ = [
     "LinearDecay",
     "CosineDecay",
     "Warmup",
-    "constant",
-    "stop_at",
-    "linear_decay",
-    "cosine_decay",
-    "warmup",
     "from_dict",
     "as_schedule",
     "weight_at_step",
@@ -136,13 +134,18 @@ class Warmup(Schedule):
         return self.weight * min(step / self.steps, 1.0)
 
 
-constant = Constant
-stop_at = StopAt
-linear_decay = LinearDecay
-cosine_decay = CosineDecay
-warmup = Warmup
-
 _KINDS = {cls.kind: cls for cls in (Constant, StopAt, LinearDecay, CosineDecay, Warmup)}
+
+
+def __getattr__(name: str) -> Any:
+    """The lower-case names of 0.1.0 (``stop_at``, ``warmup``, ...): deprecated aliases of the classes."""
+    if name in _KINDS:
+        cls = _KINDS[name]
+        warnings.warn(
+            f"repa.schedules.{name} is deprecated; use repa.schedules.{cls.__name__}", DeprecationWarning, stacklevel=2
+        )
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def from_dict(spec: Dict[str, Any]) -> Schedule:
@@ -179,7 +182,8 @@ def weight_at_step(schedule: Callable[[int], Any], step: int) -> float:
         value = float(schedule(step))
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"the weight schedule {schedule!r} returned a non-number at step {step} ({exc}); it must return a float >= 0"
+            f"the weight schedule {schedule!r} returned a non-number at step {step} ({exc}); "
+            "it must return a float >= 0"
         ) from exc
     if not math.isfinite(value) or value < 0:
         raise ConfigError(

@@ -14,19 +14,55 @@ external encoder: the teacher is the EMA copy every diffusion run already keeps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from .base import HookedObjective
-from .capture import LayersLike, infer_hidden_dim, resolve_layers, unwrap_model
+from .capture import LayersLike, infer_model_dim, resolve_layers, unwrap_model
+from .config import settings_from_dict, settings_kwargs
 from .errors import CaptureError, ConfigError, ShapeMismatchError
 from .losses import build_loss, mean_cosine_similarity
-from .projectors import PROJECTORS, build_projector
-from .schedules import WeightLike, from_dict
+from .projectors import build_projector, list_projectors
+from .schedules import WeightLike
 
-__all__ = ["SelfAlignmentRegularizer", "SelfAlignmentOutput", "SRAProjector"]
+__all__ = ["SelfAlignmentRegularizer", "SelfAlignmentOutput", "SelfAlignmentConfig", "SRAProjector"]
+
+
+def _check_max_gap(max_gap: Any) -> float:
+    if isinstance(max_gap, bool) or not isinstance(max_gap, (int, float)) or not 0.0 <= max_gap <= 1.0:
+        raise ConfigError(f"max_gap must lie in [0, 1], got {max_gap!r} (the paper uses 0.2)")
+    return float(max_gap)
+
+
+@dataclass
+class SelfAlignmentConfig:
+    """The settings of a :class:`SelfAlignmentRegularizer` (``sra.config``, ``sra_config.json``).
+
+    ``weight``, ``loss`` and ``projector`` are None where a callable was passed (not saveable).
+    """
+
+    student_layer: str
+    teacher_layer: str
+    hidden_dim: int
+    teacher_dim: int
+    weight: Any = 0.2
+    loss: Optional[str] = "smooth-l1"
+    beta: float = 0.05
+    projector: Optional[str] = "sra"
+    projector_dim: int = 2048
+    max_gap: float = 0.2
+    objective: str = "sra"
+
+    def __post_init__(self) -> None:
+        self.max_gap = _check_max_gap(self.max_gap)
+        self.beta = float(self.beta)
+        for name in ("hidden_dim", "teacher_dim", "projector_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
 class SelfAlignmentOutput(NamedTuple):
@@ -76,7 +112,9 @@ def _tokens_of(output: Any, what: str) -> torch.Tensor:
     if x.ndim == 4:  # (B, C, H, W) conv features -> (B, H*W, C)
         x = x.flatten(2).transpose(1, 2)
     if x.ndim != 3:
-        raise ShapeMismatchError(f"{what} gives shape {tuple(x.shape)}; expected tokens (B, N, D) or a map (B, C, H, W)")
+        raise ShapeMismatchError(
+            f"{what} gives shape {tuple(x.shape)}; expected tokens (B, N, D) or a map (B, C, H, W)"
+        )
     return x
 
 
@@ -135,8 +173,7 @@ class SelfAlignmentRegularizer(HookedObjective):
         super().__init__()
         if ema_model is model or unwrap_model(ema_model) is unwrap_model(model):
             raise ConfigError("ema_model is the student model itself; pass its EMA copy (e.g. copy.deepcopy(model))")
-        if not 0.0 <= max_gap <= 1.0:
-            raise ConfigError(f"max_gap must lie in [0, 1], got {max_gap!r} (the paper uses 0.2)")
+        _check_max_gap(max_gap)
         base = unwrap_model(model)
         teacher = unwrap_model(ema_model)
         student = resolve_layers(base, student_layer)
@@ -150,12 +187,19 @@ class SelfAlignmentRegularizer(HookedObjective):
         self._setup_capture(model, base, student)
         self.student_layer = student[0][0]
         self.teacher_layer = teacher_mod[0][0]
-        self.hidden_dim = int(hidden_dim) if hidden_dim else infer_hidden_dim(student[0][1], self.student_layer)
-        self.teacher_dim = int(teacher_dim) if teacher_dim else infer_hidden_dim(teacher_mod[0][1], self.teacher_layer)
+        self.hidden_dim = (
+            int(hidden_dim) if hidden_dim else infer_model_dim(student[0][1], self.student_layer, "hidden_dim")
+        )
+        self.teacher_dim = (
+            int(teacher_dim) if teacher_dim else infer_model_dim(teacher_mod[0][1], self.teacher_layer, "teacher_dim")
+        )
+        self.projector: nn.Module
         if projector == "sra":
             self.projector = SRAProjector(self.hidden_dim, self.teacher_dim)
-        elif isinstance(projector, str) and projector.lower() not in PROJECTORS:
-            raise ConfigError(f"unknown projector {projector!r}; choose from {['sra', *sorted(PROJECTORS)]} or a callable")
+        elif isinstance(projector, str) and projector.lower() not in list_projectors():
+            raise ConfigError(
+                f"unknown projector {projector!r}; choose from {['sra', *list_projectors()]} or a callable"
+            )
         else:
             self.projector = build_projector(projector, self.hidden_dim, self.teacher_dim, projector_dim=projector_dim)
         if getattr(self.projector, "uses_grid", False):
@@ -168,21 +212,20 @@ class SelfAlignmentRegularizer(HookedObjective):
         self._teacher_ref = [ema_model]  # a list: not a submodule, not in state_dict
         self._teacher_running = False
         self._teacher_out: Any = None
-        self._teacher_handle = teacher_mod[0][1].register_forward_hook(_TeacherHook(self))
+        self._teacher_handle: Optional[Any] = teacher_mod[0][1].register_forward_hook(_TeacherHook(self))
         self.teacher_calls = 0  # forwards of the teacher run by this regularizer
-        self._config = {
-            "objective": "sra",
-            "student_layer": self.student_layer,
-            "teacher_layer": self.teacher_layer,
-            "hidden_dim": self.hidden_dim,
-            "teacher_dim": self.teacher_dim,
-            "weight": self._weight_config(weight),
-            "loss": loss if isinstance(loss, str) else None,
-            "beta": float(beta),
-            "projector": projector if isinstance(projector, str) else None,
-            "projector_dim": projector_dim,
-            "max_gap": self.max_gap,
-        }
+        self._config = SelfAlignmentConfig(
+            student_layer=self.student_layer,
+            teacher_layer=self.teacher_layer,
+            hidden_dim=self.hidden_dim,
+            teacher_dim=self.teacher_dim,
+            weight=self._weight_config(weight),
+            loss=loss if isinstance(loss, str) else None,
+            beta=float(beta),
+            projector=projector if isinstance(projector, str) else None,
+            projector_dim=projector_dim,
+            max_gap=self.max_gap,
+        )
 
     def _call_name(self) -> str:
         return "sra"
@@ -232,7 +275,8 @@ class SelfAlignmentRegularizer(HookedObjective):
             )
         if student.shape[-1] != self.hidden_dim:
             raise ShapeMismatchError(
-                f"student layer {self.student_layer!r} has width {student.shape[-1]}, expected {self.hidden_dim}; pass hidden_dim="
+                f"student layer {self.student_layer!r} has width {student.shape[-1]}, expected {self.hidden_dim}; "
+                "pass hidden_dim="
             )
         pred = self.projector(student)  # (B, N, D_t)
         loss = self.loss_fn(pred, teacher).float()
@@ -243,7 +287,9 @@ class SelfAlignmentRegularizer(HookedObjective):
 
     def _run_teacher(self, args: Any, kwargs: Dict[str, Any]) -> torch.Tensor:
         if not args and not kwargs:
-            raise ConfigError("sra(...) needs the teacher's inputs, e.g. sra(x_lo, t_lo, y): the EMA model runs on them")
+            raise ConfigError(
+                "sra(...) needs the teacher's inputs, e.g. sra(x_lo, t_lo, y): the EMA model runs on them"
+            )
         teacher = self.ema_model
         self._teacher_out = None
         self._teacher_running = True
@@ -269,24 +315,18 @@ class SelfAlignmentRegularizer(HookedObjective):
         config, state = cls._read_saved(directory)
         if config.get("objective") != "sra":
             raise ConfigError(f"{str(directory)!r} holds a {config.get('objective', 'REPA')!r} objective, not SRA")
-        weight = config["weight"]
-        kwargs: Dict[str, Any] = {
-            "weight": from_dict(weight) if isinstance(weight, dict) else weight,
-            "loss": config["loss"],
-            "beta": config["beta"],
-            "projector": config["projector"],
-            "projector_dim": config["projector_dim"],
-            "max_gap": config["max_gap"],
-            "hidden_dim": config["hidden_dim"],
-            "teacher_dim": config["teacher_dim"],
-        }
+        settings = settings_from_dict(SelfAlignmentConfig, config, repr(str(directory)))
+        kwargs = settings_kwargs(settings, exclude=("student_layer", "teacher_layer", "objective"))
         kwargs.update(overrides)
         for key in ("weight", "loss", "projector"):
             if kwargs.get(key) is None:
                 raise ConfigError(f"the saved regularizer used a custom {key}; pass {key}=... to from_pretrained")
-        reg = cls(model, ema_model, config["student_layer"], config["teacher_layer"], **kwargs)
+        reg = cls(model, ema_model, settings.student_layer, settings.teacher_layer, **kwargs)
         reg.load_state_dict(state)
         return reg
 
     def extra_repr(self) -> str:
-        return f"student={self.student_layer!r}, teacher={self.teacher_layer!r}, max_gap={self.max_gap}, step={self._step}"
+        return (
+            f"student={self.student_layer!r}, teacher={self.teacher_layer!r}, max_gap={self.max_gap}, "
+            f"step={self._step}"
+        )

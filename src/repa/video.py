@@ -270,9 +270,9 @@ def video_feature_targets(reg: Any, features: Any) -> Dict[str, Tuple[torch.Tens
     """Precomputed per-latent-frame targets (B, T_lat, N_e, D_e) (e.g. from a video cache) as flat tokens."""
     raw = reg._features_by_encoder(features)
     if reg.check_inputs:  # the regularizer's own check of precomputed targets (NaN/Inf name the encoder)
-        from .regularizer import _check_finite_features
+        from .inputs import check_finite_features
 
-        _check_finite_features(raw)
+        check_finite_features(raw)
     out: Dict[str, Tuple[torch.Tensor, AnyGrid]] = {}
     for name, dim in zip(reg.encoder_names, reg.encoder_dims):
         y = raw[name]
