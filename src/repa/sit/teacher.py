@@ -367,6 +367,109 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _check_budget(objective: str, epochs: Optional[float], minutes: Optional[float], batch_size: int) -> Optional[float]:
+    """Validate the objective and the training budget; returns ``minutes`` (the default budget when neither is given)."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if epochs is not None and minutes is not None:
+        raise ConfigError(f"pass epochs or minutes, not both (got epochs={epochs!r}, minutes={minutes!r})")
+    if epochs is None and minutes is None:
+        minutes = DEFAULT_MINUTES
+    if epochs is not None and not epochs > 0:
+        raise ConfigError(f"epochs must be > 0, got {epochs!r}")
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(f"minutes must be > 0, got {minutes!r}")
+    if batch_size < 2:
+        raise ConfigError(f"batch_size must be at least 2 (contrastive pairs), got {batch_size}")
+    return minutes
+
+
+def _round_weights(encoder: nn.Module, weights_dtype: Optional[torch.dtype]) -> None:
+    """Freeze the encoder and round its weights to the stored dtype (the accuracy reported is the file's)."""
+    encoder.model.requires_grad_(False).eval()
+    if weights_dtype is not None:
+        with torch.no_grad():
+            for t in list(encoder.model.parameters()) + list(encoder.model.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.to(weights_dtype).float())
+
+
+def _evaluate(
+    encoder: nn.Module, data: Optional[PathLike], images: torch.Tensor, labels: torch.Tensor,
+    eval_limit: Optional[int], pixel_baseline: bool, progress: bool, record: Dict[str, Any],
+) -> float:
+    """kNN accuracy of the pooled features on the test split (and of raw pixels); written into ``record``."""
+    n = images.shape[0]
+    test_images, test_labels = _load_split(data, "test")
+    if eval_limit is not None:
+        test_images, test_labels = test_images[:eval_limit], test_labels[:eval_limit]
+    k = min(KNN_K, n)
+    bank = pooled_features(encoder, images, progress=progress)  # (N, D)
+    query = pooled_features(encoder, test_images, progress=progress)  # (M, D)
+    acc = knn_accuracy(bank, labels, query, test_labels, k)
+    record.update(knn_accuracy=acc, knn={"k": k, "metric": "cosine", "vote": "similarity-weighted",
+                  "features": "mean of the patch tokens", "memory": f"train ({n})", "queries": f"test ({test_images.shape[0]})"})
+    if pixel_baseline:
+        record["pixel_knn_accuracy"] = knn_accuracy(
+            images.flatten(1).float(), labels, test_images.flatten(1).float(), test_labels, k
+        )
+    return acc
+
+
+def _teacher_loop(
+    objective: str, encoder: nn.Module, heads: nn.Module, opt: torch.optim.Optimizer, params: List[torch.Tensor],
+    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, nn_index: Optional[torch.Tensor], *,
+    total: int, warmup: int, minutes: Optional[float], max_steps: Optional[int], batch_size: int, lr: float,
+    neighbours: int, dense_weight: float, progress: bool,
+) -> Tuple[List[float], int, float]:
+    """The teacher's optimizer steps (cosine schedule; with ``minutes`` its length is fixed after 10 timed steps).
+
+    Returns the per-step losses, the number of steps and the training seconds.
+    """
+    from tqdm.auto import tqdm
+
+    n = images.shape[0]
+    losses: List[float] = []
+    start_time = time.perf_counter()
+    calibrate_at = 10
+    bar = tqdm(total=total if minutes is None else None, desc=f"teacher ({objective})", unit="step", disable=not progress, dynamic_ncols=True)
+    step, order, cursor = 0, torch.randperm(n, generator=gen), 0
+    while step < total:
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        partners = None
+        if nn_index is not None:
+            pick = nn_index[idx, torch.randint(neighbours, (idx.shape[0],), generator=gen)]  # (B,)
+            use = torch.rand(idx.shape[0], generator=gen) < 0.5
+            partners = images[torch.where(use, pick, idx)]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, total, lr, warmup)
+        loss = teacher_loss(
+            objective, encoder, heads, images[idx], labels[idx], gen, partners=partners, dense_weight=dense_weight
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if minutes is not None and step == calibrate_at:
+            per_step = (time.perf_counter() - start_time) / step
+            total = max(step + 1, int(minutes * 60 / per_step))
+            if max_steps is not None:
+                total = min(total, max_steps)
+            warmup = max(1, min(300, total // 10))
+            bar.total = total
+        bar.update(1)
+        if step % 10 == 0 or step == total:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+    bar.close()
+    train_seconds = time.perf_counter() - start_time
+    return losses, step, train_seconds
+
+
 def train_teacher(
     data: Optional[PathLike] = None,
     *,
@@ -407,22 +510,9 @@ def train_teacher(
     Returns:
         :class:`TeacherResult` ``(encoder, knn_accuracy, record)``.
     """
-    from tqdm.auto import tqdm
-
     from ..encoders import create_encoder
 
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if epochs is not None and minutes is not None:
-        raise ConfigError(f"pass epochs or minutes, not both (got epochs={epochs!r}, minutes={minutes!r})")
-    if epochs is None and minutes is None:
-        minutes = DEFAULT_MINUTES
-    if epochs is not None and not epochs > 0:
-        raise ConfigError(f"epochs must be > 0, got {epochs!r}")
-    if minutes is not None and not minutes > 0:
-        raise ConfigError(f"minutes must be > 0, got {minutes!r}")
-    if batch_size < 2:
-        raise ConfigError(f"batch_size must be at least 2 (contrastive pairs), got {batch_size}")
+    minutes = _check_budget(objective, epochs, minutes, batch_size)
 
     images, labels = _load_split(data, "train")
     if train_limit is not None:
@@ -448,51 +538,13 @@ def train_teacher(
     warmup = max(1, min(300, total // 10))
     nn_index = pixel_neighbours(images, k=neighbours, seed=seed) if objective == "simclr-nn" else None
 
-    losses: List[float] = []
-    start_time = time.perf_counter()
-    calibrate_at = 10
-    bar = tqdm(total=total if minutes is None else None, desc=f"teacher ({objective})", unit="step", disable=not progress, dynamic_ncols=True)
-    step, order, cursor = 0, torch.randperm(n, generator=gen), 0
-    while step < total:
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        partners = None
-        if nn_index is not None:
-            pick = nn_index[idx, torch.randint(neighbours, (idx.shape[0],), generator=gen)]  # (B,)
-            use = torch.rand(idx.shape[0], generator=gen) < 0.5
-            partners = images[torch.where(use, pick, idx)]
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, total, lr, warmup)
-        loss = teacher_loss(
-            objective, encoder, heads, images[idx], labels[idx], gen, partners=partners, dense_weight=dense_weight
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if minutes is not None and step == calibrate_at:
-            per_step = (time.perf_counter() - start_time) / step
-            total = max(step + 1, int(minutes * 60 / per_step))
-            if max_steps is not None:
-                total = min(total, max_steps)
-            warmup = max(1, min(300, total // 10))
-            bar.total = total
-        bar.update(1)
-        if step % 10 == 0 or step == total:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-    bar.close()
-    train_seconds = time.perf_counter() - start_time
+    losses, step, train_seconds = _teacher_loop(
+        objective, encoder, heads, opt, params, images, labels, gen, nn_index,
+        total=total, warmup=warmup, minutes=minutes, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        neighbours=neighbours, dense_weight=dense_weight, progress=progress,
+    )
 
-    encoder.model.requires_grad_(False).eval()
-    if weights_dtype is not None:  # the accuracy reported is that of the stored weights
-        with torch.no_grad():
-            for t in list(encoder.model.parameters()) + list(encoder.model.buffers()):
-                if t.is_floating_point():
-                    t.copy_(t.to(weights_dtype).float())
+    _round_weights(encoder, weights_dtype)
 
     record: Dict[str, Any] = {
         "encoder": ENCODER_NAME,
@@ -514,21 +566,7 @@ def train_teacher(
         "weights_dtype": str(weights_dtype).replace("torch.", "") if weights_dtype is not None else "float32",
         "encoder_kwargs": dict(encoder_kwargs or {}),
     }
-    acc = None
-    if evaluate:
-        test_images, test_labels = _load_split(data, "test")
-        if eval_limit is not None:
-            test_images, test_labels = test_images[:eval_limit], test_labels[:eval_limit]
-        k = min(KNN_K, n)
-        bank = pooled_features(encoder, images, progress=progress)  # (N, D)
-        query = pooled_features(encoder, test_images, progress=progress)  # (M, D)
-        acc = knn_accuracy(bank, labels, query, test_labels, k)
-        record.update(knn_accuracy=acc, knn={"k": k, "metric": "cosine", "vote": "similarity-weighted",
-                      "features": "mean of the patch tokens", "memory": f"train ({n})", "queries": f"test ({test_images.shape[0]})"})
-        if pixel_baseline:
-            record["pixel_knn_accuracy"] = knn_accuracy(
-                images.flatten(1).float(), labels, test_images.flatten(1).float(), test_labels, k
-            )
+    acc = _evaluate(encoder, data, images, labels, eval_limit, pixel_baseline, progress, record) if evaluate else None
     return TeacherResult(encoder, acc, record)
 
 
