@@ -24,7 +24,7 @@ import torch
 
 from repa._runlock import LOCK_NAME, FolderLock
 from repa.cli import main as repa_main
-from repa.errors import CheckpointError, ConfigError, FolderInUseError, NonFiniteLossError
+from repa.errors import CheckpointError, FolderInUseError, NonFiniteLossError
 from repa.sit.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from repa.sit.train import train
 from sit_fixtures import TinyEncoder, read_log, subprocess_env, tiny_config, write_synthetic_idx
@@ -99,7 +99,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="repa"):
         with FolderLock(folder, "repa train"):
             assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert f"stale lock" in caplog.text and str(dead.pid) in caplog.text
+    assert "stale lock" in caplog.text and str(dead.pid) in caplog.text
     # a lock of another host cannot be checked from here: never taken over, the message says what to delete
     (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "then"}))
     with pytest.raises(FolderInUseError, match=f"on host 'elsewhere'.*delete '{folder / LOCK_NAME}'"):

@@ -23,10 +23,10 @@ import torch
 
 from repa.errors import CheckpointError, ConfigError, UnknownNameError, WeightsNotFoundError
 from repa.sit import get_path, sample_time
-from repa.sit.sampling import sample
 from repa.sit.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from repa.sit.configs import CONFIGS, TrainConfig, build_model, load_config, resolve_config
 from repa.sit.ema import EMA
+from repa.sit.sampling import sample
 from repa.sit.train import add_arguments, config_from_args, precision_settings, step_generator, train
 from sit_fixtures import (
     SIZE,

@@ -69,7 +69,7 @@ class FrozenEncoder(nn.Module):
         self._extract = torch.compile(self._tokens) if compile else self._tokens
 
     # ------------------------------------------------------------------ frozen by construction
-    def train(self, mode: bool = True) -> "FrozenEncoder":
+    def train(self, mode: bool = True) -> FrozenEncoder:
         """Stay in eval mode: a frozen target encoder never uses dropout or batch statistics."""
         return super().train(False)
 

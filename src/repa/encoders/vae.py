@@ -62,7 +62,7 @@ class VAEEncoder(nn.Module):
         self.embed_dim = int(cfg.latent_channels if features == "latent" else cfg.block_out_channels[-1])
         self.name = f"vae-{features}"
 
-    def train(self, mode: bool = True) -> "VAEEncoder":
+    def train(self, mode: bool = True) -> VAEEncoder:
         """Always eval: the teacher is frozen."""
         return super().train(False)
 
