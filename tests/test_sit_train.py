@@ -491,18 +491,6 @@ def _weights_missing_until(monkeypatch, ready):
     monkeypatch.setattr(repa.encoders, "create_encoder", create_encoder)
 
 
-def test_missing_teacher_says_to_run_repa_teacher(tmp_path, idx_data, monkeypatch):
-    import importlib.util
-
-    _weights_missing_until(monkeypatch, lambda: False)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "repa.sit.teacher" else real_find_spec(name, *a))
-    cfg = tiny_config(idx_data, tmp_path / "runs", enc_type="fmnist-vit")
-    with pytest.raises(WeightsNotFoundError, match="train it first with `repa teacher`"):
-        train(cfg, progress=False)
-
-
 def test_missing_teacher_is_trained_first_when_the_command_exists(tmp_path, idx_data, monkeypatch, one_thread):
     monkeypatch.setenv("REPA_HOME", str(tmp_path / "home"))
     calls = []

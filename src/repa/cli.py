@@ -34,10 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
-
-
 def _top_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
     lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in commands.items())
     parser = argparse.ArgumentParser(
@@ -129,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while argv and argv[0] == "--debug":
         debug = True
         argv = argv[1:]
-    commands = _available()
+    commands = COMMANDS
     if not argv or argv[0].startswith("-"):
         parser = _top_parser(commands)
         parser.parse_args(argv)
