@@ -1,5 +1,5 @@
 """Parity with the official REPA code (github.com/sihyun-yu/REPA): each test pins one behaviour of
-the reference that `repa` follows, against a hand-written formula (see README, "Parity with the
+the reference that `repa` follows, against a hand-written formula (see docs/parity.md, "Parity with the
 official code")."""
 
 from __future__ import annotations
