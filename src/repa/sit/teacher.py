@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
@@ -62,6 +62,8 @@ __all__ = [
     "add_arguments",
     "main",
 ]
+
+_log = logging.getLogger("repa")
 
 ENCODER_NAME = "fmnist-vit"
 OBJECTIVES = ("simclr-nn", "simclr", "supervised")
@@ -613,11 +615,11 @@ def ensure_teacher(data: Optional[PathLike] = None, quiet: bool = False) -> Path
     if found is not None:
         return found
     if not quiet:
-        print(f"no weights for {ENCODER_NAME!r} yet: training it once (repa teacher, a few minutes on CPU)", file=sys.stderr)
+        _log.info("no weights for %r yet: training it once (repa teacher, a few minutes on CPU)", ENCODER_NAME)
     result = train_teacher(data, progress=not quiet)
     path = save_teacher(result, command=_command_line(data=data))
     if not quiet:
-        _report(result, path)
+        _log.info("%s", _report(result, path))
     return path
 
 
@@ -631,16 +633,18 @@ def _command_line(**parts: Any) -> str:
     return shlex.join(words)
 
 
-def _report(result: TeacherResult, path: Path) -> None:
+def _report(result: TeacherResult, path: Path) -> str:
+    """The teacher's summary: objective, steps, kNN accuracy beside raw pixels', where it was saved."""
     r = result.record
-    print(f"teacher {ENCODER_NAME}: objective {r['objective']}"
-          f" ({'self-supervised' if r['self_supervised'] else 'SUPERVISED, uses labels'}),"
-          f" {r['steps']} steps ({r['epochs']} epochs) in {r['train_seconds']:.0f} s")
+    lines = [f"teacher {ENCODER_NAME}: objective {r['objective']}"
+             f" ({'self-supervised' if r['self_supervised'] else 'SUPERVISED, uses labels'}),"
+             f" {r['steps']} steps ({r['epochs']} epochs) in {r['train_seconds']:.0f} s"]
     if result.knn_accuracy is not None:
-        print(f"  kNN accuracy (k={r['knn']['k']}, cosine, pooled patch tokens): {result.knn_accuracy:.4f}")
+        lines.append(f"  kNN accuracy (k={r['knn']['k']}, cosine, pooled patch tokens): {result.knn_accuracy:.4f}")
     if "pixel_knn_accuracy" in r:
-        print(f"  kNN accuracy of raw pixels, same protocol:             {r['pixel_knn_accuracy']:.4f}")
-    print(f"  weights: {path}  (record: {path.with_suffix('.json')})")
+        lines.append(f"  kNN accuracy of raw pixels, same protocol:             {r['pixel_knn_accuracy']:.4f}")
+    lines.append(f"  weights: {path}  (record: {path.with_suffix('.json')})")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -684,9 +688,9 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, fp32=args.fp32,
     )
     path = save_teacher(result, args.out, command=command)
-    _report(result, path)
+    print(_report(result, path))  # the command's result, on stdout
     pixels = result.record.get("pixel_knn_accuracy")
     if pixels is not None and result.knn_accuracy is not None and result.knn_accuracy <= pixels:
-        print(f"  note: the teacher does not beat raw pixels ({result.knn_accuracy:.4f} <= {pixels:.4f}); "
-              "train longer (--epochs) or try another --objective")
+        _log.warning("the teacher does not beat raw pixels (%.4f <= %.4f); train longer (--epochs) or try another "
+                     "--objective", result.knn_accuracy, pixels)
     return 0
