@@ -11,8 +11,9 @@ One SiT, one batch of data and four ways to train on it, timed interleaved
 - ``stopped``: REPA after a ``stop_at`` schedule has fired: weight 0, so the encoder and the
   projectors are skipped (HASTE's hard stop).
 
-One training step = forward on x_t, velocity MSE (+ REPA term), backward, AdamW step,
-``zero_grad``. Beside the measured times sits the expectation from counted multiply-accumulates
+One training step is the library's own (:func:`repa.sit.step.training_step`, what ``repa train``
+runs): forward on x_t, velocity MSE (+ REPA term), backward, gradient clipping at norm 1.0,
+AdamW step, ``zero_grad``, EMA update of the model (and, with REPA, the projectors). Beside the measured times sits the expectation from counted multiply-accumulates
 (``torch.utils.flop_counter.FlopCounterMode``; FLOPs = 2 MACs): the SiT step (forward +
 backward), the encoder forward and the projector forward + backward. The expected ratio of an
 arm to vanilla is (step + encoder + projector) / step online, (step + projector) / step cached
@@ -220,6 +221,7 @@ class _Bench:
         from repa import REPARegularizer, schedules
         from repa.encoders import FrozenEncoder
         from repa.sit import get_path
+        from repa.sit.ema import EMA
 
         self.cfg = cfg
         self.device = torch.device(cfg.device)
@@ -239,6 +241,12 @@ class _Bench:
         params = [*self.model.parameters(), *self.reg.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
         self.path = get_path("linear")
+        # as repa train: an fp16 GradScaler, EMA (0.9999) of the model and, with REPA, of the projectors
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
+        self.ema_sources: Dict[str, nn.Module] = {"model": self.model, "projectors": self.reg.projectors}
+        self.ema = EMA(self.ema_sources, 0.9999)
+        self.ema_sources_vanilla: Dict[str, nn.Module] = {"model": self.model}
+        self.ema_vanilla = EMA(self.ema_sources_vanilla, 0.9999)
 
         b, r = cfg.batch_size, cfg.resolution
         g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -261,36 +269,54 @@ class _Bench:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.cfg.dtype])
 
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return None if self.cfg.dtype == "fp32" else DTYPES[self.cfg.dtype]
+
     def _captures_for(self, arm: str) -> Any:
         return self.reg.disabled() if arm == "vanilla" else contextlib.nullcontext()
 
-    def loss(self, arm: str, n: Optional[int] = None, model: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
-        """The training loss of ``arm`` on the first ``n`` samples of the batch (all by default)."""
-        from repa.sit import sample_time, velocity_loss
+    def _inputs(self, arm: str, n: Optional[int] = None) -> Any:
+        """The step's inputs for ``arm`` on the first ``n`` samples: fresh times and noise each call."""
+        from repa.sit import sample_time
+        from repa.sit.step import StepBatch
 
         n = n or self.cfg.batch_size
-        x, images, y, feats = self.latents[:n], self.images[:n], self.labels[:n], self.features[:n]
+        x = self.latents[:n]  # (n, 4, h, w)
         t = sample_time(n, device=self.device)  # (n,)
         eps = torch.randn_like(x)  # (n, 4, h, w)
-        x_t, v_target = self.path.interpolate(x, eps, t)  # (n, 4, h, w) each
-        run = model or self.forward_model
-        with self._captures_for(arm), self.autocast():
-            pred = run(x_t, t, y)  # (n, 4, h, w); hooks capture blocks.<layer>
-            loss = velocity_loss(pred, v_target).mean()
-            if arm == "online":
-                loss = loss + self.reg(images, step=0)
-            elif arm == "cached":
-                loss = loss + self.reg(features=feats, step=0)
-            elif arm == "stopped":
-                loss = loss + self.reg(images, step=STOP_STEP)  # weight 0 from here on
-        return loss
+        cached = arm == "cached"
+        return StepBatch(x=x, y=self.labels[:n], t=t, noise=eps, images=None if cached else self.images[:n],
+                         features=self.features[:n] if cached else None)
+
+    def _step_kwargs(self, arm: str) -> Dict[str, Any]:
+        """What differs between the arms: REPA or not, and the schedule's step (the stopped arm: weight 0)."""
+        if arm == "vanilla":
+            return {"regularizer": None}
+        return {"regularizer": self.reg, "reg_step": STOP_STEP if arm == "stopped" else 0}
+
+    def loss(self, arm: str, n: Optional[int] = None, model: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+        """The training loss of ``arm`` on the first ``n`` samples of the batch (all by default)."""
+        from repa.sit.step import step_losses
+
+        with self._captures_for(arm):
+            return step_losses(
+                model or self.forward_model, self._inputs(arm, n), path=self.path, amp_dtype=self.amp_dtype,
+                **self._step_kwargs(arm),
+            ).loss
 
     def step(self, arm: str) -> None:
-        """One full training step of ``arm``."""
-        loss = self.loss(arm)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One full training step of ``arm``: the library's step (``repa.sit.step.training_step``), as ``repa train``
+        runs it: loss, backward, gradient clipping at 1.0, AdamW, EMA of the model (and the projectors)."""
+        from repa.sit.step import training_step
+
+        ema, sources = (self.ema_vanilla, self.ema_sources_vanilla) if arm == "vanilla" else (self.ema, self.ema_sources)
+        with self._captures_for(arm):
+            training_step(
+                self.forward_model, self._inputs(arm), path=self.path, optimizer=self.optimizer,
+                scaler=self.scaler, amp_dtype=self.amp_dtype, max_grad_norm=1.0, ema=ema, ema_sources=sources,
+                **self._step_kwargs(arm),
+            )
 
     # -------------------------------------------------------------- FLOP counting
     def count_flops(self) -> Dict[str, float]:

@@ -345,7 +345,8 @@ def run_arm(
     from repa.schedules import StopAt
     from repa.sit.configs import build_model
     from repa.sit.ema import EMA
-    from repa.sit.transport import get_path, sample_time, velocity_loss
+    from repa.sit.step import StepBatch, training_step
+    from repa.sit.transport import get_path, sample_time
 
     torch.manual_seed(seed)  # the same SiT initialization in every arm
     model = build_model(cfg.model, input_size=28, in_channels=1, num_classes=10, class_dropout_prob=cfg.cfg_prob,
@@ -371,6 +372,7 @@ def run_arm(
         sra = SelfAlignmentRegularizer(model, ema["model"], cfg.sra_student_depth - 1, cfg.sra_teacher_depth - 1,
                                        weight=cfg.sra_weight, max_gap=cfg.sra_max_gap)
     params = list(model.parameters()) + [p for r in (reg, sra) if r is not None for p in r.parameters()]
+    objectives = {k: v for k, v in (("dispersive", disp), ("sra", sra)) if v is not None}
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     path = get_path("linear")
     images, labels = data["train_images"], data["train_labels"]
@@ -394,28 +396,17 @@ def run_arm(
         t = sample_time(x.shape[0], "uniform", path=path, generator=g)
         noise = torch.randn(x.shape, generator=g)
         drop = (torch.rand(x.shape[0], generator=g) < cfg.cfg_prob).long()
-        x_t, v = path.interpolate(x, noise, t)
-        pred = model(x_t, t, labels[idx], force_drop_ids=drop)
-        loss = velocity_loss(pred, v).mean()
-        align = torch.zeros(())
-        if reg is not None:
-            align = align + reg(features={TEACHER: targets[idx].float()})
-        if disp is not None:
-            align = align + disp()
-        if sra is not None:  # same image, noise and labels at the teacher's lower noise level (a draw after the others)
-            t_lo = (t - cfg.sra_max_gap * torch.rand(x.shape[0], generator=g)).clamp(0.0, 1.0)
-            x_lo, _ = path.interpolate(x, noise, t_lo)
-            align = align + sra(x_lo, t_lo, labels[idx], force_drop_ids=drop)
-        if arm != "vanilla":
-            loss = loss + align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update({"model": model}, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        # the library's own step (repa.sit.step): loss, backward, clip 1.0, AdamW, EMA with this benchmark's warm-up
+        record = training_step(
+            model, StepBatch(x=x, y=labels[idx], t=t, noise=noise, drop=drop,
+                             features={TEACHER: targets[idx].float()} if reg is not None else None),
+            path=path, optimizer=opt, regularizer=reg, objectives=objectives, max_grad_norm=1.0,
+            ema=ema, ema_sources={"model": model}, ema_decay=min(cfg.ema_decay, (1 + step) / (10 + step)),
+            generator=g, global_batch=x.shape[0],
+        )
         step_seconds.append(time.perf_counter() - t0)
-        if arm != "vanilla":
-            align_losses.append(float(align.detach()))
+        if arm != "vanilla":  # the weighted representation terms of the step
+            align_losses.append(float(record.alignment_total))
         bar.update(1)
         if step + 1 in evals:
             t1 = time.perf_counter()

@@ -2,7 +2,8 @@
 
     python benchmarks/objective_cost.py --threads 1 --rounds 10
 
-Times one training step (forward, objective, backward, AdamW, EMA update) of the convergence
+Times one training step (the library's ``repa.sit.step.training_step``: forward, objective, backward,
+gradient clipping, AdamW, EMA update) of the convergence
 benchmark's SiT-T/4 on batches of 64 Fashion-MNIST-sized images for each arm, round-robin
 (``--steps-per-round`` steps of each arm per round), so that drift in the machine's load lands
 on every arm alike. Reports the median seconds per step and the ratio to vanilla. REPA's
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     from repa import DispersiveRegularizer, REPARegularizer, SelfAlignmentRegularizer
     from repa.sit.configs import build_model
     from repa.sit.ema import EMA
-    from repa.sit.transport import get_path, velocity_loss
+    from repa.sit.step import StepBatch, training_step
+    from repa.sit.transport import get_path
 
     path = get_path("linear")
     arms = [a.strip() for a in args.arms.split(",")]
@@ -56,27 +58,20 @@ def main(argv=None) -> int:
     b = args.batch_size
     x = torch.rand(b, 1, 28, 28, generator=g) * 2 - 1
     y = torch.randint(0, 10, (b,), generator=g)
-    feats = torch.randn(b, 49, 96, generator=g)
+    feats = {"fmnist-vit": torch.randn(b, 49, 96, generator=g)}  # (B, 49, 96) cached targets
 
     def step(s: Dict) -> None:
+        """The library's step (repa.sit.step.training_step): loss, backward, clip 1.0, AdamW, EMA."""
         t = torch.rand(b)
         noise = torch.randn_like(x)
         drop = (torch.rand(b) < 0.1).long()
-        x_t, v = path.interpolate(x, noise, t)
-        loss = velocity_loss(s["model"](x_t, t, y, force_drop_ids=drop), v).mean()
-        for name, o in s["objs"].items():
-            if name == "repa":
-                loss = loss + o(features=feats)
-            elif name == "dispersive":
-                loss = loss + o()
-            else:
-                t_lo = o.teacher_time(t)
-                loss = loss + o(path.interpolate(x, noise, t_lo)[0], t_lo, y, force_drop_ids=drop)
-        s["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s["params"], 1.0)
-        s["opt"].step()
-        s["ema"].update({"model": s["model"]})
+        objs = s["objs"]
+        training_step(
+            s["model"], StepBatch(x=x, y=y, t=t, noise=noise, drop=drop, features=feats if "repa" in objs else None),
+            path=path, optimizer=s["opt"], regularizer=objs.get("repa"),
+            objectives={k: v for k, v in objs.items() if k != "repa"}, max_grad_norm=1.0,
+            ema=s["ema"], ema_sources={"model": s["model"]},
+        )
 
     for s in setups.values():  # warm-up
         step(s)

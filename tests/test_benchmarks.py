@@ -169,6 +169,7 @@ def test_overhead_rejects_bad_options(tmp_path):
 # ------------------------------------------------------------------------ gpu_benchmark.py
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 def test_gpu_benchmark_tiny_runs_compile_off_and_on(gpu_tiny):
     data = gpu_tiny["json"]
     runs = data["runs"]
@@ -312,6 +313,7 @@ def test_summary_speedups_by_hand(conv_module):
     assert repa["speedup_steps_per_seed"] == pytest.approx([2.0, 1.5])
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 def test_convergence_tiny_runs_every_arm_and_resumes(tmp_path):
     out = tmp_path / "conv"
     args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress"]
@@ -389,6 +391,7 @@ def test_sweep_speedups_by_hand(sweep_module):
     assert never["steps_to_vanilla_final"] is None and never["speedup_steps"] is None
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 def test_sweep_tiny_runs_and_reuses_the_shared_vanilla(tmp_path):
     out = tmp_path / "sweep"
     args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress",

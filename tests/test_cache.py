@@ -258,6 +258,7 @@ def _build_worker(rank, world, init_file, idx, out, report_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.distributed
 def test_two_processes_write_disjoint_shards_equal_to_one_process(idx_folder, tmp_path):
     out2 = tmp_path / "two"

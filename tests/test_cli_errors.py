@@ -214,3 +214,26 @@ def test_a_worker_error_is_reduced_to_its_original_message():
         '  File "x.py", line 1, in f\n    raise\nrepa.errors.CorruptImageError: cannot decode the image \'a.png\' (x)\n'
     )
     assert error_line(wrapped) == "error: CorruptImageError: cannot decode the image 'a.png' (x)"
+
+
+def test_status_messages_reach_the_command_line_but_not_a_library_user():
+    """`repa.cli.main` shows the `repa` logger's INFO on stderr; a plain `import repa` prints nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, repa, repa.cli as cli;"
+        "logging.getLogger('repa').info('quiet for a library user');"
+        "cli.run_command(lambda: logging.getLogger('repa').info('status %d', 7) or 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["repa: status 7"]
+    assert done.stdout == ""
+
+
+def test_an_unmatched_encoder_pattern_is_a_status_line(capsys):
+    assert repa_main(["encoders", "no-such-encoder-xyz"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "repa: no encoder matches 'no-such-encoder-xyz'" in captured.err

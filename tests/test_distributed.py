@@ -79,6 +79,7 @@ def _worker(rank, world, init_file, mode, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.parametrize("mode", ["wrap-both", "attach"])
 def test_ddp_two_processes_equal_one_process(tmp_path, mode):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), mode, str(tmp_path)), nprocs=2, join=True)

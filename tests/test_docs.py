@@ -220,7 +220,7 @@ def test_the_docs_have_python_examples_and_every_skip_states_a_reason():
             if line.strip().startswith("<!--") and "skip-test" in line:
                 m = SKIP_RE.match(line.strip())
                 assert m and m.group(1).strip(), f"{path.name}:{i + 1}: a skip-test marker needs a reason"
-                nxt = next((l for l in lines[i + 1 :] if l.strip()), "")
+                nxt = next((row for row in lines[i + 1 :] if row.strip()), "")
                 assert nxt.startswith("```python"), f"{path.name}:{i + 1}: skip-test must precede a ```python block"
 
 

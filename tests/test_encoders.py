@@ -23,9 +23,9 @@ from repa.encoders import (
     list_encoders,
     local_weights_path,
     register_encoder,
+    registry,
     save_encoder_weights,
 )
-from repa.encoders import registry
 from repa.errors import ConfigError, ShapeMismatchError, StateDictError, UnknownNameError, WeightsNotFoundError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -697,7 +697,7 @@ def test_cli_table_and_json(isolated_home, capsys):
     save_encoder_weights(create_encoder("fmnist-vit", pretrained=False))
     assert cli.main(parser.parse_args(["fmnist", "--resolution", "28"])) == 0
     table = capsys.readouterr().out
-    line = next(l for l in table.splitlines() if l.startswith("fmnist-vit"))
+    line = next(row for row in table.splitlines() if row.startswith("fmnist-vit"))
     assert line.split()[-1] == "yes" and "7x7" in line and "0.5M" in line
 
     assert cli.main(parser.parse_args(["no-such-encoder"])) == 1

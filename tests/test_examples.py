@@ -167,6 +167,7 @@ def plain_training(example, steps: int, weight) -> float:
     return float(sum(p.detach().double().sum() for p in reg.parameters()))
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.distributed
 def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop(tmp_path):
     """REPA stops after step 1: the zero it returns must keep DDP from seeing unused parameters."""
@@ -180,6 +181,7 @@ def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop
     assert checksum(two.stdout) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_plain_unsharded_training(tmp_path):
     """FSDP2 on 2 gloo processes == the same 3 steps without any sharding, in this process."""

@@ -469,7 +469,7 @@ def test_diffusers_gradient_checkpointing_gives_the_eager_loss_and_gradients(nam
             model.enable_gradient_checkpointing()
         reg = REPARegularizer(model, layers=2, encoders=TARGET_DIM, projector_dim=16)
         calls = []
-        model.get_submodule(reg.layer_names[0]).register_forward_pre_hook(lambda m, a: calls.append(1))
+        model.get_submodule(reg.layer_names[0]).register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
         torch.manual_seed(1)
         run(name, model)
         loss = reg(features=torch.randn(B, IMAGE_TOKENS[name], TARGET_DIM, generator=torch.Generator().manual_seed(2)))

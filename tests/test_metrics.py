@@ -50,9 +50,9 @@ def _ref_hsic_u(x, y):
     trace = sum(xt[i, j] * yt[j, i] for i in range(n) for j in range(n))
     sum_x = sum(xt[i, j] for i in range(n) for j in range(n))
     sum_y = sum(yt[i, j] for i in range(n) for j in range(n))
-    col_x = [sum(xt[i, l] for i in range(n)) for l in range(n)]  # 1'X~
-    row_y = [sum(yt[l, j] for j in range(n)) for l in range(n)]  # Y~1
-    ones_xy_ones = sum(col_x[l] * row_y[l] for l in range(n))
+    col_x = [sum(xt[i, k] for i in range(n)) for k in range(n)]  # 1'X~
+    row_y = [sum(yt[k, j] for j in range(n)) for k in range(n)]  # Y~1
+    ones_xy_ones = sum(col_x[k] * row_y[k] for k in range(n))
     return (trace + sum_x * sum_y / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_xy_ones) / (n * (n - 3))
 
 

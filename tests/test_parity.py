@@ -19,7 +19,6 @@ from repa.sit.images import to_uint8
 from repa.sit.models import SiT
 from repa.sit.sampling import guided_velocity, sample
 
-
 # ---------------------------------------------------------------------------------------- projectors
 
 

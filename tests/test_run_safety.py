@@ -24,7 +24,7 @@ import torch
 
 from repa._runlock import LOCK_NAME, FolderLock
 from repa.cli import main as repa_main
-from repa.errors import CheckpointError, ConfigError, FolderInUseError, NonFiniteLossError
+from repa.errors import CheckpointError, FolderInUseError, NonFiniteLossError
 from repa.sit.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from repa.sit.train import train
 from sit_fixtures import TinyEncoder, read_log, subprocess_env, tiny_config, write_synthetic_idx
@@ -99,7 +99,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="repa"):
         with FolderLock(folder, "repa train"):
             assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert f"stale lock" in caplog.text and str(dead.pid) in caplog.text
+    assert "stale lock" in caplog.text and str(dead.pid) in caplog.text
     # a lock of another host cannot be checked from here: never taken over, the message says what to delete
     (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "then"}))
     with pytest.raises(FolderInUseError, match=f"on host 'elsewhere'.*delete '{folder / LOCK_NAME}'"):
@@ -123,6 +123,7 @@ def test_train_refuses_a_folder_another_process_trains_in(tmp_path, idx_data, on
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_group_signal_with_workers_saves_exits_0_and_resumes(tmp_path, sig):
     data = write_synthetic_idx(tmp_path / "data", n=64)
@@ -162,6 +163,7 @@ def test_group_signal_with_workers_saves_exits_0_and_resumes(tmp_path, sig):
     assert load_checkpoint(latest_checkpoint(run))["step"] == stopped + 2
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 @pytest.mark.distributed
 def test_group_signal_under_torchrun_two_ranks_agree_save_and_resume(tmp_path):
     data = write_synthetic_idx(tmp_path / "data", n=64)
@@ -420,6 +422,7 @@ def test_an_output_folder_made_with_other_settings_is_refused(checkpoint, tmp_pa
     assert "FolderInUseError" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)
 def test_a_killed_sampling_run_resumes_to_the_same_images(checkpoint, tmp_path):
     args = [sys.executable, "-m", "repa.cli", "sample", "--ckpt", str(checkpoint), "--no-progress", "--mode", "ode",
             "--steps", "400", "--num-samples", "12", "--per-proc-batch", "1"]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from repa import SelfAlignmentRegularizer, combine, DispersiveRegularizer
+from repa import DispersiveRegularizer, SelfAlignmentRegularizer, combine
 from repa.errors import CaptureError, ConfigError
 from repa.schedules import StopAt
 from tiny_models import TinyDiT

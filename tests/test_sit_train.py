@@ -23,10 +23,10 @@ import torch
 
 from repa.errors import CheckpointError, ConfigError, UnknownNameError, WeightsNotFoundError
 from repa.sit import get_path, sample_time
-from repa.sit.sampling import sample
 from repa.sit.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from repa.sit.configs import CONFIGS, TrainConfig, build_model, load_config, resolve_config
 from repa.sit.ema import EMA
+from repa.sit.sampling import sample
 from repa.sit.train import add_arguments, config_from_args, precision_settings, step_generator, train
 from sit_fixtures import (
     SIZE,
@@ -489,18 +489,6 @@ def _weights_missing_until(monkeypatch, ready):
         return real(name, **kw)
 
     monkeypatch.setattr(repa.encoders, "create_encoder", create_encoder)
-
-
-def test_missing_teacher_says_to_run_repa_teacher(tmp_path, idx_data, monkeypatch):
-    import importlib.util
-
-    _weights_missing_until(monkeypatch, lambda: False)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "repa.sit.teacher" else real_find_spec(name, *a))
-    cfg = tiny_config(idx_data, tmp_path / "runs", enc_type="fmnist-vit")
-    with pytest.raises(WeightsNotFoundError, match="train it first with `repa teacher`"):
-        train(cfg, progress=False)
 
 
 def test_missing_teacher_is_trained_first_when_the_command_exists(tmp_path, idx_data, monkeypatch, one_thread):

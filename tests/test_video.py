@@ -25,7 +25,6 @@ from repa.video import (
     latent_frame_groups,
     num_latent_frames,
 )
-
 from tiny_models import ConvEncoder
 
 

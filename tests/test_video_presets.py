@@ -11,7 +11,6 @@ frames runs through the preset.
 from __future__ import annotations
 
 import math
-from typing import Dict
 
 import pytest
 import torch

@@ -96,7 +96,7 @@ class FolderLock:
         self.held = False
         self._created = False
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         """Take the lock; raises :class:`FolderInUseError` if a live process holds it."""
         self._created = make_folder(self.folder, self.flag)
         host, pid = socket.gethostname(), os.getpid()
@@ -177,7 +177,7 @@ class FolderLock:
             except OSError:
                 pass
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -212,7 +212,7 @@ class HookedObjective(nn.Module):
             config = json.load(fh)
         return config, load_file(weights_path)
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         """Load weights and step; with ``strict`` a mismatch names missing and unexpected keys."""
         if strict:
             own = set(self.state_dict())

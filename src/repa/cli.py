@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -31,10 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("repa.sit.probe", "measure alignment (CKNNA, linear probe) of a checkpoint's layers"),
     "fd": ("repa.fd", "Frechet distance between two image sets in any registry encoder's feature space"),
 }
-
-
-def _available() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
 
 def _top_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
@@ -73,23 +70,27 @@ def error_line(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {message}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which tools and tests may replace), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_status_messages() -> None:
-    """Status messages of the ``repa`` logger (notes, warnings) go to stderr, once per process."""
-    import logging
+    """Status messages of the ``repa`` logger (INFO and up) go to stderr, once per process.
 
-    class _StderrHandler(logging.StreamHandler):
-        """Writes to the current ``sys.stderr`` (which tools and tests may replace), not the one at setup."""
-
-        @property  # type: ignore[override]
-        def stream(self):  # noqa: D401
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, value) -> None:
-            pass
-
+    Only the command line does this: a program that imports ``repa`` sees its messages only
+    through the logging configuration it sets up itself. A handler the user already attached to
+    the ``repa`` logger is kept and none is added (a ``NullHandler`` does not count).
+    """
     logger = logging.getLogger("repa")
-    if not logger.handlers:
+    if not any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("repa: %(message)s"))
         logger.addHandler(handler)
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while argv and argv[0] == "--debug":
         debug = True
         argv = argv[1:]
-    commands = _available()
+    commands = COMMANDS
     if not argv or argv[0].startswith("-"):
         parser = _top_parser(commands)
         parser.parse_args(argv)

@@ -64,7 +64,7 @@ def as_token_grid(value: GridLike) -> AnyGrid:
         if len(sides) == 3:
             if min(sides) <= 0:
                 raise ConfigError(f"grid sides must be positive, got {sides}")
-            return sides  # type: ignore[return-value]
+            return sides
         if len(sides) != 2:
             raise ConfigError(f"grid must be (h, w) or (t, h, w), got {len(sides)} sides: {value!r}")
     return as_grid(value)

@@ -226,11 +226,11 @@ def cka(a: ArrayLike, b: ArrayLike) -> float:
         xx = (x.T @ x).square().sum().sqrt()
         yy = (y.T @ y).square().sum().sqrt()
     else:
-        k = x @ x.T  # (n, n), already centered
-        l = y @ y.T  # (n, n)
-        xy = (k * l).sum()
-        xx = k.square().sum().sqrt()
-        yy = l.square().sum().sqrt()
+        gram_x = x @ x.T  # (n, n), already centered
+        gram_y = y @ y.T  # (n, n)
+        xy = (gram_x * gram_y).sum()
+        xx = gram_x.square().sum().sqrt()
+        yy = gram_y.square().sum().sqrt()
     denom = float(xx * yy)
     if not denom > 0:
         raise DegenerateFeaturesError(

@@ -93,7 +93,7 @@ class VideoOptions:
             raise ConfigError(f"frame_chunk must be a positive int (frames per encoder call), got {c!r}")
 
     @classmethod
-    def pop_from(cls, options: Dict[str, Any]) -> "VideoOptions":
+    def pop_from(cls, options: Dict[str, Any]) -> VideoOptions:
         """Take the video keywords out of a regularizer's ``**options``."""
         kwargs = {k: options.pop(k) for k in VIDEO_OPTION_KEYS if k in options and options[k] is not None}
         return cls(**kwargs)
@@ -350,7 +350,7 @@ class _GridHook:
         if self.tracker is not None:
             self.tracker._record(module, args, kwargs)
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "_GridHook":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> _GridHook:
         return _GridHook(None)
 
     def __reduce__(self):

@@ -9,13 +9,12 @@ Importing this package registers the built-in entries; it imports neither timm n
 huggingface-hub (they load when an encoder is built or its weights are looked up).
 """
 
+from . import builtin as _builtin  # noqa: F401  (registers the built-in encoders)
 from .checkpoints import convert_checkpoint, load_encoder_state_dict, read_weights_file, save_encoder_weights
 from .frozen import FrozenEncoder
 from .registry import create_encoder, get_encoder_spec, list_encoders, local_weights_path, register_encoder
 from .spec import EncoderSpec
 from .weights import locate_weights, repa_home
-
-from . import builtin as _builtin  # noqa: F401,E402  (registers the built-in encoders)
 
 __all__ = [
     "EncoderSpec",

@@ -50,7 +50,7 @@ _DROPPABLE = re.compile(
 
 
 # ---------------------------------------------------------------------- reading files
-def read_weights_file(path: Union[str, "os.PathLike[str]"]) -> Any:
+def read_weights_file(path: Union[str, os.PathLike[str]]) -> Any:
     """Load a ``.safetensors`` file or a torch pickle (``.pth``/``.pt``/``.pth.tar``/``.bin``) on CPU.
 
     Pickles are read with ``weights_only=True`` (no arbitrary code runs); a checkpoint that
@@ -291,7 +291,7 @@ def load_encoder_state_dict(
     model.load_state_dict(sd, strict=True)
 
 
-def save_encoder_weights(encoder: nn.Module, path: Union[str, "os.PathLike[str]", None] = None) -> Path:
+def save_encoder_weights(encoder: nn.Module, path: Union[str, os.PathLike[str], None] = None) -> Path:
     """Save an encoder's network weights as safetensors, atomically; returns the path.
 
     ``encoder`` is a :class:`~repa.encoders.FrozenEncoder` (its ``.model`` is saved) or a bare

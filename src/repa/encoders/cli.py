@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from typing import Any, Dict, List, Optional
 
 __all__ = ["add_arguments", "main", "encoder_rows"]
@@ -114,6 +114,6 @@ def main(args: argparse.Namespace) -> int:
                 f"$REPA_HOME/encoders/<name>.safetensors (or .pth); see create_encoder(name, weights=...)."
             )
     if not rows:
-        print(f"no encoder matches {args.pattern!r}; run `repa encoders` for the full list", file=sys.stderr)
+        logging.getLogger("repa").warning("no encoder matches %r; run `repa encoders` for the full list", args.pattern)
         return 1
     return 0

@@ -38,6 +38,9 @@ class FrozenEncoder(nn.Module):
         name, embed_dim, patch_size, spec, model, resolution: as in the encoder contract.
     """
 
+    mean: torch.Tensor  # (1, C, 1, 1) buffer
+    std: torch.Tensor  # (1, C, 1, 1) buffer
+
     def __init__(
         self,
         model: nn.Module,
@@ -48,7 +51,7 @@ class FrozenEncoder(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a timm network or any module with the spec's extraction method
         self.spec = spec
         self.name: str = spec.name
         self.embed_dim: int = spec.embed_dim
@@ -66,7 +69,7 @@ class FrozenEncoder(nn.Module):
         self._extract = torch.compile(self._tokens) if compile else self._tokens
 
     # ------------------------------------------------------------------ frozen by construction
-    def train(self, mode: bool = True) -> "FrozenEncoder":
+    def train(self, mode: bool = True) -> FrozenEncoder:
         """Stay in eval mode: a frozen target encoder never uses dropout or batch statistics."""
         return super().train(False)
 

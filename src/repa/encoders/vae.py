@@ -18,7 +18,7 @@ wider and richer than the latent.
 
 from __future__ import annotations
 
-from typing import Any, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch import nn
@@ -54,15 +54,15 @@ class VAEEncoder(nn.Module):
             raise ConfigError(f"VAEEncoder needs a diffusers AutoencoderKL, got {type(vae).__name__}")
         if features not in VAE_FEATURES:
             raise ConfigError(f"features={features!r} is not a VAE feature; choose from {list(VAE_FEATURES)}")
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae: Any = vae.eval().requires_grad_(False)  # duck-typed AutoencoderKL (diffusers not imported)
         self.features = features
-        cfg = vae.config
+        cfg: Any = self.vae.config
         self.in_channels = int(getattr(cfg, "in_channels", 3))
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self.embed_dim = int(cfg.latent_channels if features == "latent" else cfg.block_out_channels[-1])
         self.name = f"vae-{features}"
 
-    def train(self, mode: bool = True) -> "VAEEncoder":
+    def train(self, mode: bool = True) -> VAEEncoder:
         """Always eval: the teacher is frozen."""
         return super().train(False)
 
@@ -80,7 +80,7 @@ class VAEEncoder(nn.Module):
         x = x.to(device=param.device, dtype=param.dtype)
         if self.features == "latent":
             return self.vae.encode(x).latent_dist.mean.float()  # (B, c, h, w)
-        captured = {}
+        captured: Dict[str, torch.Tensor] = {}
         handle = self.vae.encoder.conv_act.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
         try:
             self.vae.encoder(x)

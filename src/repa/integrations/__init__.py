@@ -9,15 +9,13 @@ picks the right block list and image-token slice for a diffusers ``FluxTransform
 ``SD3Transformer2DModel``, ``UNet2DConditionModel``, ... without the user naming internals.
 """
 
-from . import diffusers_presets  # noqa: F401  (registers the diffusers presets)
-from . import diffusers_video  # noqa: F401  (registers the diffusers video presets)
+# importing the two modules registers the diffusers image and video presets
 from .diffusers_presets import (
     DIFFUSERS_PRESETS,
     FluxImageTokens,
     joint_image_stream,
     unet_block_hidden_states,
 )
-
 from .diffusers_video import DIFFUSERS_VIDEO_PRESETS, video_stream
 
 __all__ = ["DIFFUSERS_PRESETS", "DIFFUSERS_VIDEO_PRESETS", "video_stream", "FluxImageTokens", "joint_image_stream", "unet_block_hidden_states"]

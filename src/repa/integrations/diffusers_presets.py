@@ -76,7 +76,7 @@ def _transformer_width(model: nn.Module) -> Optional[int]:
     return width if isinstance(width, int) else None
 
 
-def _block_width(pattern: "re.Pattern[str]"):
+def _block_width(pattern: re.Pattern[str]):
     """``hidden_dim`` hook: the transformer width for block-level names, else the vote."""
 
     def hidden_dim(model: nn.Module, layer: str) -> Optional[int]:
@@ -221,7 +221,7 @@ def _unet_width(model: nn.Module, layer: str) -> Optional[int]:
     return ordered[index] if index < len(ordered) else None
 
 
-def _only_blocks(pattern: "re.Pattern[str]", selector: Any):
+def _only_blocks(pattern: re.Pattern[str], selector: Any):
     """``tokens`` hook applying ``selector`` to block-level names only (other names: all tokens)."""
 
     def tokens(model: nn.Module, layer: str) -> Any:

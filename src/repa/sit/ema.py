@@ -40,7 +40,7 @@ class EMA(nn.Module):
     def __getitem__(self, name: str) -> nn.Module:
         return self.shadows[name]
 
-    def train(self, mode: bool = True) -> "EMA":
+    def train(self, mode: bool = True) -> EMA:
         """Shadows always stay in eval mode (their label dropout must not fire when sampling)."""
         return super().train(False)
 

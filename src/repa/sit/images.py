@@ -59,7 +59,7 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2, value: int = 255) -
     return grid
 
 
-def save_png(array: np.ndarray, path: Union[str, "os.PathLike[str]"]) -> Path:
+def save_png(array: np.ndarray, path: Union[str, os.PathLike[str]]) -> Path:
     """Write an (H, W, C) uint8 array with C in {1, 3} as a PNG, atomically (temp file, then rename)."""
     from PIL import Image
 

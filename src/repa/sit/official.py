@@ -295,7 +295,7 @@ def read_official_checkpoint(path: PathLike, *, encoder_depth: Optional[int] = N
         path=path, layout=layout, legacy=legacy, model=model_sit, ema=ema_sit, projectors=model_projs,
         ema_projectors=ema_projs, args=args, steps=steps, shape=infer_sit_shape(ema_sit),
     )
-    ckpt.projector_dims  # validates the projector keys
+    _ = ckpt.projector_dims  # validates the projector keys
     return ckpt
 
 

@@ -80,11 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float -> uint8: truncate (the reference's clamp(127.5 (x + 1), 0, 255) cast) or round "
                         "(default: truncate)")
     parser.add_argument("--per-proc-batch", type=int, default=64, help="images per forward on each process (default: 64)")
-    parser.add_argument("--output", default=None,
-                        help="output folder (default: <run>/eval/<step>-<ckpt sha8>-<weights>-<sampler>-cfg...-<classes>-"
+    parser.add_argument("--out", "--output", dest="output", default=None,
+                        help="output folder, alias --output (default: <run>/eval/<step>-<ckpt sha8>-<weights>-<sampler>-cfg...-<classes>-"
                         "seed<S>-n<N>, every setting that changes the images); a folder made with other settings is refused")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labels and noise (default: 0)")
-    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="ema", help="EMA or raw weights (default: ema)")
+    parser.add_argument("--model-weights", "--weights", dest="weights", choices=list(WEIGHT_CHOICES), default="ema",
+                        help="EMA or raw weights of the SiT, as `repa probe --model-weights`; alias --weights (default: ema)")
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype (default: no)")
     parser.add_argument("--vae", default=None, help="SD-VAE folder or cached hub id (default: the one the run used)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -238,7 +239,7 @@ def write_record(folder: Path, settings: Dict[str, Any]) -> Path:
         if diffs:
             raise ConfigError(
                 f"{folder} holds samples drawn with other settings ({'; '.join(diffs)}); its images would be stale. "
-                "Pass another --output (or drop --output for a folder named after the settings), or delete that "
+                "Pass another --out (or drop --out for a folder named after the settings), or delete that "
                 "folder to draw them again"
             )
     else:
@@ -246,7 +247,7 @@ def write_record(folder: Path, settings: Dict[str, Any]) -> Path:
         if images.is_dir() and any(images.iterdir()):
             raise ConfigError(
                 f"{folder} already holds images but no samples.json, so they may come from other settings; pass "
-                "another --output, or delete that folder"
+                "another --out, or delete that folder"
             )
     tmp = folder / f".samples.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(settings, indent=2))
@@ -298,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             run, tag = (ckpt_path.parent, ckpt_path.stem) if official else (ckpt_path.parent.parent, f"{step:07d}")
             out = default_output(run, tag, settings)
-        lock = lock_folder_on_main(info, out, "repa sample", flag="--output")  # one writer per output folder
+        lock = lock_folder_on_main(info, out, "repa sample", flag="--out")  # one writer per output folder
         failure: Optional[BaseException] = None
         if info.is_main:
             try:

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
@@ -62,6 +62,8 @@ __all__ = [
     "add_arguments",
     "main",
 ]
+
+_log = logging.getLogger("repa")
 
 ENCODER_NAME = "fmnist-vit"
 OBJECTIVES = ("simclr-nn", "simclr", "supervised")
@@ -367,8 +369,8 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _check_teacher_settings(objective: str, epochs: Optional[float], minutes: Optional[float], batch_size: int) -> Optional[float]:
-    """Validate :func:`train_teacher`'s budget settings; returns ``minutes`` (the default when neither is given)."""
+def _check_budget(objective: str, epochs: Optional[float], minutes: Optional[float], batch_size: int) -> Optional[float]:
+    """Validate the objective and the training budget; returns ``minutes`` (the default budget when neither is given)."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if epochs is not None and minutes is not None:
@@ -384,20 +386,9 @@ def _check_teacher_settings(objective: str, epochs: Optional[float], minutes: Op
     return minutes
 
 
-def _teacher_optimizer(encoder: Any, heads: nn.Module, lr: float, weight_decay: float) -> Tuple[torch.optim.Optimizer, List[torch.Tensor]]:
-    """AdamW over the encoder and the heads (no decay on biases and norms); returns it and the trained parameters."""
-    params = [p for p in list(encoder.model.parameters()) + list(heads.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98),
-    )
-    return opt, params
-
-
-def _round_weights(encoder: Any, weights_dtype: Optional[torch.dtype]) -> None:
-    """Round the weights to the dtype they will be stored in (no-op for None)."""
+def _round_weights(encoder: nn.Module, weights_dtype: Optional[torch.dtype]) -> None:
+    """Freeze the encoder and round its weights to the stored dtype (the accuracy reported is the file's)."""
+    encoder.model.requires_grad_(False).eval()
     if weights_dtype is not None:
         with torch.no_grad():
             for t in list(encoder.model.parameters()) + list(encoder.model.buffers()):
@@ -405,12 +396,11 @@ def _round_weights(encoder: Any, weights_dtype: Optional[torch.dtype]) -> None:
                     t.copy_(t.to(weights_dtype).float())
 
 
-
-def _evaluate_teacher(
-    encoder: Any, images: torch.Tensor, labels: torch.Tensor, data: Optional[PathLike], eval_limit: Optional[int],
-    record: Dict[str, Any], progress: bool, pixel_baseline: bool,
+def _evaluate(
+    encoder: nn.Module, data: Optional[PathLike], images: torch.Tensor, labels: torch.Tensor,
+    eval_limit: Optional[int], pixel_baseline: bool, progress: bool, record: Dict[str, Any],
 ) -> float:
-    """kNN accuracy of the trained encoder on the test split (and of raw pixels), recorded in ``record``."""
+    """kNN accuracy of the pooled features on the test split (and of raw pixels); written into ``record``."""
     n = images.shape[0]
     test_images, test_labels = _load_split(data, "test")
     if eval_limit is not None:
@@ -428,22 +418,19 @@ def _evaluate_teacher(
     return acc
 
 
-def _teacher_steps(
-    encoder: Any, heads: nn.Module, opt: torch.optim.Optimizer, params: List[torch.Tensor], images: torch.Tensor,
-    labels: torch.Tensor, gen: torch.Generator, *, objective: str, nn_index: Optional[torch.Tensor], neighbours: int,
-    batch_size: int, total: int, lr: float, minutes: Optional[float], max_steps: Optional[int], dense_weight: float,
-    progress: bool,
+def _teacher_loop(
+    objective: str, encoder: nn.Module, heads: nn.Module, opt: torch.optim.Optimizer, params: List[torch.Tensor],
+    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, nn_index: Optional[torch.Tensor], *,
+    total: int, warmup: int, minutes: Optional[float], max_steps: Optional[int], batch_size: int, lr: float,
+    neighbours: int, dense_weight: float, progress: bool,
 ) -> Tuple[List[float], int, float]:
-    """The optimizer steps of :func:`train_teacher`; returns (losses, steps, seconds).
+    """The teacher's optimizer steps (cosine schedule; with ``minutes`` its length is fixed after 10 timed steps).
 
-    With ``minutes`` the step count is re-set after timing the first steps, so the cosine
-    schedule ends on time.
+    Returns the per-step losses, the number of steps and the training seconds.
     """
     from tqdm.auto import tqdm
 
     n = images.shape[0]
-    warmup = max(1, min(300, total // 10))
-
     losses: List[float] = []
     start_time = time.perf_counter()
     calibrate_at = 10
@@ -527,7 +514,7 @@ def train_teacher(
     """
     from ..encoders import create_encoder
 
-    minutes = _check_teacher_settings(objective, epochs, minutes, batch_size)
+    minutes = _check_budget(objective, epochs, minutes, batch_size)
 
     images, labels = _load_split(data, "train")
     if train_limit is not None:
@@ -539,20 +526,27 @@ def train_teacher(
     encoder = create_encoder(ENCODER_NAME, pretrained=False, resolution=images.shape[-1], **(encoder_kwargs or {}))
     encoder.model.requires_grad_(True).train()
     heads = TeacherHeads(encoder.embed_dim, num_classes=int(labels.max()) + 1)
-    opt, params = _teacher_optimizer(encoder, heads, lr, weight_decay)
+    params = [p for p in list(encoder.model.parameters()) + list(heads.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98),
+    )
     steps_per_epoch = max(1, n // batch_size)
     total = max(1, int(round((epochs if epochs is not None else 1.0) * steps_per_epoch)))  # minutes: re-set at step 10
     if max_steps is not None:
         total = min(total, max_steps)
+    warmup = max(1, min(300, total // 10))
     nn_index = pixel_neighbours(images, k=neighbours, seed=seed) if objective == "simclr-nn" else None
-    losses, step, train_seconds = _teacher_steps(
-        encoder, heads, opt, params, images, labels, gen, objective=objective, nn_index=nn_index, neighbours=neighbours,
-        batch_size=batch_size, total=total, lr=lr, minutes=minutes, max_steps=max_steps, dense_weight=dense_weight,
-        progress=progress,
+
+    losses, step, train_seconds = _teacher_loop(
+        objective, encoder, heads, opt, params, images, labels, gen, nn_index,
+        total=total, warmup=warmup, minutes=minutes, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        neighbours=neighbours, dense_weight=dense_weight, progress=progress,
     )
 
-    encoder.model.requires_grad_(False).eval()
-    _round_weights(encoder, weights_dtype)  # the accuracy reported is that of the stored weights
+    _round_weights(encoder, weights_dtype)
 
     record: Dict[str, Any] = {
         "encoder": ENCODER_NAME,
@@ -574,7 +568,7 @@ def train_teacher(
         "weights_dtype": str(weights_dtype).replace("torch.", "") if weights_dtype is not None else "float32",
         "encoder_kwargs": dict(encoder_kwargs or {}),
     }
-    acc = _evaluate_teacher(encoder, images, labels, data, eval_limit, record, progress, pixel_baseline) if evaluate else None
+    acc = _evaluate(encoder, data, images, labels, eval_limit, pixel_baseline, progress, record) if evaluate else None
     return TeacherResult(encoder, acc, record)
 
 
@@ -621,11 +615,11 @@ def ensure_teacher(data: Optional[PathLike] = None, quiet: bool = False) -> Path
     if found is not None:
         return found
     if not quiet:
-        print(f"no weights for {ENCODER_NAME!r} yet: training it once (repa teacher, a few minutes on CPU)", file=sys.stderr)
+        _log.info("no weights for %r yet: training it once (repa teacher, a few minutes on CPU)", ENCODER_NAME)
     result = train_teacher(data, progress=not quiet)
     path = save_teacher(result, command=_command_line(data=data))
     if not quiet:
-        _report(result, path)
+        _log.info("%s", _report(result, path))
     return path
 
 
@@ -639,16 +633,18 @@ def _command_line(**parts: Any) -> str:
     return shlex.join(words)
 
 
-def _report(result: TeacherResult, path: Path) -> None:
+def _report(result: TeacherResult, path: Path) -> str:
+    """The teacher's summary: objective, steps, kNN accuracy beside raw pixels', where it was saved."""
     r = result.record
-    print(f"teacher {ENCODER_NAME}: objective {r['objective']}"
-          f" ({'self-supervised' if r['self_supervised'] else 'SUPERVISED, uses labels'}),"
-          f" {r['steps']} steps ({r['epochs']} epochs) in {r['train_seconds']:.0f} s")
+    lines = [f"teacher {ENCODER_NAME}: objective {r['objective']}"
+             f" ({'self-supervised' if r['self_supervised'] else 'SUPERVISED, uses labels'}),"
+             f" {r['steps']} steps ({r['epochs']} epochs) in {r['train_seconds']:.0f} s"]
     if result.knn_accuracy is not None:
-        print(f"  kNN accuracy (k={r['knn']['k']}, cosine, pooled patch tokens): {result.knn_accuracy:.4f}")
+        lines.append(f"  kNN accuracy (k={r['knn']['k']}, cosine, pooled patch tokens): {result.knn_accuracy:.4f}")
     if "pixel_knn_accuracy" in r:
-        print(f"  kNN accuracy of raw pixels, same protocol:             {r['pixel_knn_accuracy']:.4f}")
-    print(f"  weights: {path}  (record: {path.with_suffix('.json')})")
+        lines.append(f"  kNN accuracy of raw pixels, same protocol:             {r['pixel_knn_accuracy']:.4f}")
+    lines.append(f"  weights: {path}  (record: {path.with_suffix('.json')})")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -692,9 +688,9 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, fp32=args.fp32,
     )
     path = save_teacher(result, args.out, command=command)
-    _report(result, path)
+    print(_report(result, path))  # the command's result, on stdout
     pixels = result.record.get("pixel_knn_accuracy")
     if pixels is not None and result.knn_accuracy is not None and result.knn_accuracy <= pixels:
-        print(f"  note: the teacher does not beat raw pixels ({result.knn_accuracy:.4f} <= {pixels:.4f}); "
-              "train longer (--epochs) or try another --objective")
+        _log.warning("the teacher does not beat raw pixels (%.4f <= %.4f); train longer (--epochs) or try another "
+                     "--objective", result.knn_accuracy, pixels)
     return 0
