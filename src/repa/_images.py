@@ -20,7 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def center_crop(image: "Any", size: int) -> np.ndarray:
+def center_crop(image: Any, size: int) -> np.ndarray:
     """ADM's center crop of a PIL image to ``size`` x ``size``, returns (size, size, 3) uint8 RGB.
 
     Halve with a box filter while the short side is at least 2 * size, resize the short side to

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._io import atomic_write_text
 from ._images import IMAGE_EXTENSIONS, bad_image_message, center_crop, image_is_readable, list_images
+from ._io import atomic_write_text
 from .errors import ConfigError, CorruptImageError, DataNotFoundError, WeightsNotFoundError, require
 
 __all__ = [
@@ -283,7 +283,7 @@ class ImageFolderDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 
 
-def load_vae(path_or_id: str, device: Union[str, torch.device, None] = None) -> "Any":
+def load_vae(path_or_id: str, device: Union[str, torch.device, None] = None) -> Any:
     """diffusers ``AutoencoderKL`` from a local folder or the Hugging Face cache, frozen, in eval mode.
 
     Nothing is downloaded when ``HF_HUB_OFFLINE=1``; a miss raises
@@ -293,7 +293,7 @@ def load_vae(path_or_id: str, device: Union[str, torch.device, None] = None) -> 
     local = os.path.isdir(os.path.expanduser(path_or_id))
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(os.path.expanduser(path_or_id) if local else path_or_id)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise WeightsNotFoundError(
             f"cannot load the VAE {path_or_id!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "pass --vae with a local folder holding config.json and the weights, or fill the Hugging Face cache "
@@ -306,7 +306,7 @@ def load_vae(path_or_id: str, device: Union[str, torch.device, None] = None) -> 
     return vae
 
 
-def vae_latent_shape(vae: "Any", image_size: int) -> Tuple[int, int, int]:
+def vae_latent_shape(vae: Any, image_size: int) -> Tuple[int, int, int]:
     """(channels, h, w) of the latents of ``image_size`` images: downsampling 2^(len(blocks) - 1)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % factor:
@@ -316,7 +316,7 @@ def vae_latent_shape(vae: "Any", image_size: int) -> Tuple[int, int, int]:
 
 
 @torch.no_grad()
-def encode_moments(vae: "Any", images: torch.Tensor) -> torch.Tensor:
+def encode_moments(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, 3, R, R) -> posterior moments ``cat(mean, std)`` (B, 2c, h, w) float32."""
     x = images.to(device=vae.device, dtype=vae.dtype) / 127.5 - 1.0  # (B, 3, R, R) in [-1, 1]
     dist = vae.encode(x).latent_dist
@@ -330,7 +330,7 @@ def sample_latents(moments: torch.Tensor, eps: torch.Tensor, scale: float = LATE
 
 
 @torch.no_grad()
-def decode_latents(vae: "Any", z: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
+def decode_latents(vae: Any, z: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
     """Scaled latents (B, c, h, w) -> images (B, 3, R, R) in [-1, 1] (not clamped)."""
     return vae.decode((z / scale).to(device=vae.device, dtype=vae.dtype)).sample.float()
 

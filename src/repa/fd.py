@@ -30,8 +30,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_text
 from ._cli import add_hidden_alias
+from ._io import atomic_write, atomic_write_text
 from .errors import ConfigError, CorruptImageError, DataNotFoundError, ShapeMismatchError
 from .metrics import feature_stats, frechet_distance_from_stats
 

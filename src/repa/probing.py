@@ -307,7 +307,7 @@ def probe_alignment(
     )
 
 
-def plot_alignment(result: Union[AlignmentResult, Dict[str, Any]], path: Union[str, "os.PathLike[str]"]) -> Path:
+def plot_alignment(result: Union[AlignmentResult, Dict[str, Any]], path: Union[str, os.PathLike[str]]) -> Path:
     """Write a PNG: CKNNA against layer depth (one line per t) and, with labels, probe accuracy beside it.
 
     Uses matplotlib's object API (no pyplot, no global backend change); written atomically.

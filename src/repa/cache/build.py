@@ -299,7 +299,7 @@ def _plan_build(
     seed: int,
     store_images: bool,
     skip_bad_images: bool,
-) -> "BuildPlan":
+) -> BuildPlan:
     """Check the settings, open the dataset and describe the build (same arguments as :func:`build_cache`)."""
     names = _parse_encoders(encoders)
     dtype_name = storage_dtype_name(dtype)

@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 
-from ..errors import ConfigError
 from .._cli import add_hidden_alias
+from ..errors import ConfigError
 from .build import build_cache
 from .format import (
     STORAGE_DTYPES,

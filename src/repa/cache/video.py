@@ -150,7 +150,7 @@ class _BuildLock:
         self.path = out / _LOCK
         self.fd: Optional[int] = None
 
-    def __enter__(self) -> "_BuildLock":
+    def __enter__(self) -> _BuildLock:
         try:
             self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

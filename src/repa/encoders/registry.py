@@ -119,11 +119,11 @@ def create_encoder(
     name: str,
     *,
     pretrained: bool = True,
-    weights: Union[str, "os.PathLike[str]", Mapping[str, Any], None] = None,
+    weights: Union[str, os.PathLike[str], Mapping[str, Any], None] = None,
     resolution: ImageSize = 256,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
-    cache_dir: Union[str, "os.PathLike[str]", None] = None,
+    cache_dir: Union[str, os.PathLike[str], None] = None,
     compile: bool = False,
     **kwargs: Any,
 ) -> FrozenEncoder:

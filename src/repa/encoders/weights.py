@@ -172,7 +172,7 @@ def weights_not_found(spec: EncoderSpec, places: List[str], reason: str) -> Weig
         "To fix: " + _fetch_hint(spec) + ";",
         f"or pass a local file: create_encoder({spec.name!r}, weights='/path/to/weights.safetensors')"
         + (layout if spec.checkpoint_layout != "timm" else "")
-        + f"; or pretrained=False for random weights.",
+        + "; or pretrained=False for random weights.",
     ]
     if spec.notes:
         lines.append(f"Note: {spec.notes}")

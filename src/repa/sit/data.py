@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 
 from .._images import list_images as _scan_folder  # noqa: F401  (the old private name)
 from ..datasets import *  # noqa: F401,F403
-from ..datasets import __all__ as _datasets_all
 from ..datasets import (  # noqa: F401  (names used below and the old private helpers)
     LATENTS_DEPRECATED,
     _drop_unreadable,
@@ -25,6 +24,7 @@ from ..datasets import (  # noqa: F401  (names used below and the old private he
     image_is_readable,
     prepare_latents,
 )
+from ..datasets import __all__ as _datasets_all
 
 __all__ = list(_datasets_all)
 
