@@ -268,7 +268,7 @@ def teacher_targets(encoder: nn.Module, images: torch.Tensor, batch: int = 500) 
 
 def build_teachers(cfg: ConvConfig, data: Dict[str, torch.Tensor], weights: Optional[str], log=print) -> Dict[str, Any]:
     """Targets of the trained teacher (registry weights) and of the random-init control, and their kNN accuracy."""
-    from repa.encoders import create_encoder, locate_weights, get_encoder_spec
+    from repa.encoders import create_encoder, get_encoder_spec, locate_weights
     from repa.sit.teacher import knn_accuracy
 
     out: Dict[str, Any] = {}

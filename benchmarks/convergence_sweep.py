@@ -21,8 +21,8 @@ reused, so variants can be added to a sweep without re-running the others.
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import os
 import shlex
 import statistics

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import ConvEncoder, TinyDiT
 from torch import nn
 
 import repa
@@ -16,6 +15,7 @@ from repa import losses as losses_mod
 from repa import projectors as projectors_mod
 from repa.errors import ConfigError, HiddenDimError
 from repa.projectors import MLPProjector
+from tiny_models import ConvEncoder, TinyDiT
 
 # repa_config.json exactly as repa 0.1.0 wrote it (TinyDiT(depth=2), ConvEncoder(dim=24) named "conv")
 OLD_CONFIG = """{

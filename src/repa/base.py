@@ -92,7 +92,7 @@ class HookedObjective(nn.Module):
 
     # ------------------------------------------------------------------ capture lifecycle
     @contextlib.contextmanager
-    def disabled(self) -> Iterator["HookedObjective"]:
+    def disabled(self) -> Iterator[HookedObjective]:
         """Within this block nothing is captured (e.g. sampling or evaluation forwards)."""
         previous = self._capture_enabled
         self._capture_enabled = False
@@ -112,7 +112,7 @@ class HookedObjective(nn.Module):
         self._on_remove()
         self._captures.clear()
 
-    def __enter__(self) -> "HookedObjective":
+    def __enter__(self) -> HookedObjective:
         return self
 
     def __exit__(self, *exc: Any) -> None:

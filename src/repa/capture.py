@@ -208,7 +208,7 @@ class CaptureHook:
             return
         owner._captures[self.name] = output
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "CaptureHook":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> CaptureHook:
         inert = CaptureHook(self.name, None)
         inert.active = False
         return inert

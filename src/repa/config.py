@@ -222,7 +222,7 @@ class REPAConfig:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "the config") -> "REPAConfig":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "the config") -> REPAConfig:
         """Read settings written by :meth:`to_dict` (or by repa 0.1.0), checked field by field.
 
         Raises:

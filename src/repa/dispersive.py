@@ -240,7 +240,7 @@ class DispersiveRegularizer(HookedObjective):
         return total
 
     @classmethod
-    def from_pretrained(cls, directory: Any, model: nn.Module, **overrides: Any) -> "DispersiveRegularizer":
+    def from_pretrained(cls, directory: Any, model: nn.Module, **overrides: Any) -> DispersiveRegularizer:
         """Rebuild a regularizer saved by :meth:`save_pretrained` on ``model`` (step restored)."""
         config, state = cls._read_saved(directory)
         if config.get("objective") != "dispersive":

@@ -595,7 +595,7 @@ class REPARegularizer(HookedObjective):
         model: nn.Module,
         encoders: Any = None,
         **overrides: Any,
-    ) -> "REPARegularizer":
+    ) -> REPARegularizer:
         """Rebuild a regularizer saved by :meth:`save_pretrained` on ``model`` and load it strictly.
 
         ``encoders`` defaults to the saved registry names; pass modules when the saved ones were
@@ -661,7 +661,7 @@ class REPARegularizer(HookedObjective):
             raise
         return reg
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         """Load projectors and step; with ``strict`` a mismatch names missing and unexpected keys."""
         if strict:
             own = set(self.state_dict())

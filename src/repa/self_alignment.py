@@ -101,7 +101,7 @@ class _TeacherHook:
         if owner is not None and owner._teacher_running:
             owner._teacher_out = output
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "_TeacherHook":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> _TeacherHook:
         return _TeacherHook(None)
 
 
@@ -310,7 +310,7 @@ class SelfAlignmentRegularizer(HookedObjective):
     @classmethod
     def from_pretrained(
         cls, directory: Any, model: nn.Module, ema_model: nn.Module, **overrides: Any
-    ) -> "SelfAlignmentRegularizer":
+    ) -> SelfAlignmentRegularizer:
         """Rebuild a regularizer saved by :meth:`save_pretrained` (projector and step restored)."""
         config, state = cls._read_saved(directory)
         if config.get("objective") != "sra":

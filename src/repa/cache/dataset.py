@@ -111,7 +111,7 @@ class CachedFeatureDataset(Dataset):
                 f"rebuild the index with `{command}`"
             )
         self._starts = np.asarray([s["start"] for s in index["shards"]], dtype=np.int64)  # (num_shards,)
-        for i, entry in enumerate(index["shards"]):  # fail at construction for missing shards (cheap stats)
+        for entry in index["shards"]:  # fail at construction for missing shards (cheap stats)
             path = self.root / entry["file"]
             if not path.is_file():
                 raise CorruptCacheError(

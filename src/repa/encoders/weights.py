@@ -97,7 +97,7 @@ def _hf_cached(spec: EncoderSpec, cache_dir: Optional[PathLike]) -> Optional[Pat
     from huggingface_hub import try_to_load_from_cache
 
     for filename in spec.hf_filenames:
-        hit = try_to_load_from_cache(spec.hf_hub_id, filename, cache_dir=cache_dir)
+        hit = try_to_load_from_cache(spec.hf_hub_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))
         if isinstance(hit, str) and os.path.isfile(hit):
             return Path(hit)
     return None
@@ -186,7 +186,7 @@ def _download(spec: EncoderSpec, cache_dir: Optional[PathLike]) -> Path:
         last: Optional[BaseException] = None
         for filename in spec.hf_filenames:
             try:
-                return Path(hf_hub_download(spec.hf_hub_id, filename, cache_dir=cache_dir))
+                return Path(hf_hub_download(spec.hf_hub_id, filename, cache_dir=None if cache_dir is None else str(cache_dir)))
             except Exception as exc:  # a missing file name: try the next one
                 last = exc
         assert last is not None

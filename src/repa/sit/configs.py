@@ -195,7 +195,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value; raises :class:`ConfigError` naming the field, the value and the choices."""
         choices: Dict[str, Tuple[Any, ...]] = {
             "model": tuple(model_names()),

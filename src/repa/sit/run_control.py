@@ -51,7 +51,7 @@ class _StopSignal:
         self.received: Optional[str] = None
         self._previous: Dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)

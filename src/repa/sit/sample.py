@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import resolve_checkpoint
 from .configs import build_model
 from .distributed import DistInfo, barrier, init_distributed, lock_folder_on_main, shutdown_distributed
 from .images import PIXEL_ROUNDINGS, save_png, to_uint8

@@ -94,7 +94,7 @@ def objective_terms(
         elif name == "sra":
             t = batch.t
             u = torch.rand(global_batch, generator=generator, device=t.device)[rows]  # (b,)
-            t_lo = (t - getattr(obj, "max_gap") * u).clamp(0.0, 1.0)  # (b,) a lower noise level
+            t_lo = (t - obj.max_gap * u).clamp(0.0, 1.0)  # (b,) a lower noise level
             x_lo, _ = path.interpolate(batch.x, batch.noise, t_lo)  # (b, C, h, w): same image and noise
             terms[name] = obj(x_lo, t_lo, batch.y, force_drop_ids=batch.drop, return_breakdown=True)
         elif name == "vae":

@@ -78,8 +78,8 @@ from .run_control import (  # noqa: F401  (the private names stay importable fro
     _nonfinite_step,
     _raise_if_any_failed,
     _resume_source,
-    _StopSignal,
     _stop_nonfinite,
+    _StopSignal,
     _truncate_log,
     _worker_init,
 )
