@@ -29,6 +29,7 @@ from repa.encoders import create_encoder, register_encoder, save_encoder_weights
 from repa.errors import CacheMismatchError, ConfigError, CorruptCacheError
 from repa.sit import create_sit
 from repa.sit.data import ImageFolderDataset, load_idx_split, write_idx
+from tiny_models import exit_spawned_worker
 
 N_IDX = 36  # Fashion-MNIST items of the small IDX folder
 
@@ -256,6 +257,7 @@ def _build_worker(rank, world, init_file, idx, out, report_dir):
             json.dump({"built": report.built, "skipped": report.skipped, "world": report.world_size}, fh)
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
 @pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)

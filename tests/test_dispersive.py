@@ -16,7 +16,7 @@ from repa import DispersiveRegularizer, REPARegularizer, combine
 from repa.dispersive import dispersive_loss
 from repa.errors import CaptureError, ConfigError, StateDictError
 from repa.schedules import StopAt
-from tiny_models import ConvEncoder, TinyDiT
+from tiny_models import ConvEncoder, TinyDiT, exit_spawned_worker
 
 
 def _rows(z):
@@ -230,6 +230,7 @@ def _worker(rank, world, init_file, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
 def _reference(gathered: bool):

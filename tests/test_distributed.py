@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from repa import REPARegularizer
-from tiny_models import ConvEncoder, TinyDiT
+from tiny_models import ConvEncoder, TinyDiT, exit_spawned_worker
 
 pytestmark = pytest.mark.distributed
 
@@ -77,6 +77,7 @@ def _worker(rank, world, init_file, mode, out_dir):
         dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
 @pytest.mark.slow  # about 40-75 s on a loaded 2-core machine (pytest --durations)

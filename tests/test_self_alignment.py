@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from repa import DispersiveRegularizer, SelfAlignmentRegularizer, combine
 from repa.errors import CaptureError, ConfigError
 from repa.schedules import StopAt
-from tiny_models import TinyDiT
+from tiny_models import TinyDiT, exit_spawned_worker
 
 
 def _pair(seed=0, depth=4):
@@ -160,6 +160,7 @@ def _worker(rank, world, init_file, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
 @pytest.mark.distributed
