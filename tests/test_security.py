@@ -191,17 +191,15 @@ def legacy_checkpoint(path: Path, model: torch.nn.Module) -> Path:
     return path
 
 
-def test_a_legacy_checkpoint_is_refused_and_converts_only_when_trusted(tmp_path):
+def test_a_legacy_checkpoint_is_refused_and_converts_without_full_unpickling(tmp_path):
     model = torch.nn.Linear(3, 2)
     old = legacy_checkpoint(tmp_path / "0000003.pt", model)
-    with pytest.raises(UnsafeCheckpointError, match=r"numpy.*repa 0\.1.*convert_legacy_checkpoint\(src, dst, trust=True\)"):
+    with pytest.raises(UnsafeCheckpointError, match=r"numpy.*repa 0\.1.*convert_legacy_checkpoint\(src, dst\)"):
         load_checkpoint(old)
-    with pytest.raises(CheckpointError, match="can run code stored in it; .* trust=True"):
-        convert_legacy_checkpoint(old, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="dst must differ from src"):
-        convert_legacy_checkpoint(old, old, trust=True)
+        convert_legacy_checkpoint(old, old)
 
-    new = convert_legacy_checkpoint(old, tmp_path / "new.pt", trust=True)
+    new = convert_legacy_checkpoint(old, tmp_path / "new.pt")
     ckpt = load_checkpoint(new)
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 3 and ckpt["config"] == {"batch_size": 16}
     assert torch.equal(ckpt["model"]["weight"], model.weight)
@@ -335,7 +333,7 @@ def test_a_checkpoint_missing_entries_names_them(tmp_path, idx_data, capsys, one
 
 def test_every_load_path_of_the_package_is_safe():
     # the audit of issue 12, over the syntax tree of every module: torch.load only with
-    # weights_only=True (except the explicit, trust=True legacy converter), np.load only with
+    # weights_only=True (the legacy converter included), np.load only with
     # allow_pickle=False, no pickle.load at all
     import ast
 
@@ -343,10 +341,6 @@ def test_every_load_path_of_the_package_is_safe():
     calls, offenders = [], []
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text())
-        trusted = {  # the one deliberate full unpickler: the converter the user calls with trust=True
-            id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "convert_legacy_checkpoint"
-            for n in ast.walk(f)
-        }  # fmt: skip
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
@@ -356,7 +350,7 @@ def test_every_load_path_of_the_package_is_safe():
             keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
             where = f"{path.relative_to(root)}:{node.lineno} {target}"
             calls.append(where)
-            if target == "torch.load" and (keywords.get("weights_only") == "True" or id(node) in trusted):
+            if target == "torch.load" and (keywords.get("weights_only") == "True"):
                 continue
             if target.endswith("np.load") and keywords.get("allow_pickle") == "False":
                 continue
@@ -371,3 +365,11 @@ def test_a_loaded_checkpoint_saved_again_stays_safe_to_load(tmp_path):
     torch.save(load_checkpoint(path), str(again))  # what a user editing a checkpoint by hand does
     raw = torch.load(str(again), weights_only=True)
     assert raw["config"] == {"lr": 0.1} and torch.equal(raw["model"]["w"], torch.ones(2))
+
+
+def test_the_legacy_converter_refuses_a_crafted_file_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = malicious_checkpoint(tmp_path / "0000005.pt", marker)
+    with pytest.raises(CheckpointError, match="nothing in it was run"):
+        convert_legacy_checkpoint(path, tmp_path / "new.pt")
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()

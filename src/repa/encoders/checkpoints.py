@@ -77,9 +77,9 @@ def read_weights_file(path: Union[str, os.PathLike[str]]) -> Any:
     except Exception as exc:  # pickle.UnpicklingError and friends
         raise StateDictError(
             f"cannot read {str(path)!r} safely as weights ({_first_line(exc)}). "
-            "If it is a checkpoint you trust that stores other Python objects, load it yourself with "
-            "torch.load(path, map_location='cpu', weights_only=False) and pass the dict: "
-            "create_encoder(name, weights=that_dict)"
+            "It stores Python objects besides tensors, and unpickling those could run code from the file; nothing "
+            "was run. Save the encoder's tensors alone (safetensors.torch.save_file(state_dict, 'enc.safetensors') "
+            "where the file was made) and pass that file, or pass a state dict: create_encoder(name, weights=dict)"
         ) from exc
 
 

@@ -8,7 +8,7 @@ int, float, bool, None): the settings (``config``, ``data``, ``model_kwargs``,
 tensors, so ``torch.load(path, weights_only=True)`` reads it and loading a checkpoint never
 runs code from the file. :func:`load_checkpoint` reads nothing else: a file that needs the
 full unpickler (a crafted file, or a checkpoint of repa 0.1, format ``repa-sit-train/1``) is
-refused; :func:`convert_legacy_checkpoint` converts a 0.1 checkpoint the user trusts.
+refused; :func:`convert_legacy_checkpoint` converts a 0.1 checkpoint (numpy arrays allowed, nothing else).
 
 A checkpoint is written to a hidden temporary file in the same folder, flushed to disk, then
 renamed over the final name with ``os.replace``: a write that fails (disk full, file size
@@ -257,8 +257,8 @@ def _refusal(path: str, exc: Exception) -> CheckpointError:
         f"refusing to load {path!r}: it holds Python objects other than tensors and plain containers "
         f"({blocked[:160]}), and unpickling them could run code from the file; nothing in it was run. "
         f"Checkpoints of this version ({CHECKPOINT_FORMAT}) never hold such objects. If it is a checkpoint of "
-        f"repa 0.1 ({LEGACY_FORMATS[0]}) from a source you trust, convert it once with "
-        "repa.sit.checkpoint.convert_legacy_checkpoint(src, dst, trust=True) and use dst"
+        f"repa 0.1 ({LEGACY_FORMATS[0]}), convert it once with "
+        "repa.sit.checkpoint.convert_legacy_checkpoint(src, dst) and use dst"
     )
 
 
@@ -273,7 +273,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     Raises:
         UnsafeCheckpointError: the file needs the full unpickler (a crafted file, a checkpoint
             of repa 0.1): nothing from it was executed; the message says how to convert a
-            trusted 0.1 checkpoint.
+            0.1 checkpoint.
         CheckpointError: the file is damaged or not a ``repa train`` checkpoint; later, an
             entry ``repa train`` writes is asked for and missing (all missing ones are named).
     """
@@ -304,27 +304,40 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     return ckpt
 
 
-def convert_legacy_checkpoint(src: PathLike, dst: PathLike, *, trust: bool = False) -> Path:
-    """Rewrite a repa 0.1 checkpoint (``repa-sit-train/1``, pickled) in the current safe format.
+def _numpy_data_globals() -> List[Any]:
+    """The numpy names a 0.1 checkpoint's RNG states need: array and scalar reconstruction, nothing callable beyond."""
+    import numpy as np
 
-    Reading the old file needs the full unpickler, which can run code embedded in the file: call
-    this only on a checkpoint whose origin you trust, and pass ``trust=True`` to say so. The
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
+    return [np.ndarray, np.dtype, _reconstruct, scalar, *dtypes]
+
+
+def convert_legacy_checkpoint(src: PathLike, dst: PathLike) -> Path:
+    """Rewrite a repa 0.1 checkpoint (``repa-sit-train/1``) in the current format.
+
+    The old file is read with ``torch.load(weights_only=True)``, whose restricted unpickler is
+    allowed numpy's array and scalar reconstruction (the 0.1 RNG states hold a numpy array) and
+    nothing else: a file holding any other Python object is refused, so nothing in it runs. The
     result (``dst``, never ``src`` itself) loads with :func:`load_checkpoint` and resumes exactly.
     """
-    if trust is not True:
-        raise CheckpointError(
-            "convert_legacy_checkpoint unpickles the old file, which can run code stored in it; call it only on a "
-            "checkpoint you trust, with trust=True"
-        )
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"convert_legacy_checkpoint: dst must differ from src ({str(src)!r}); keep the original")
     if not src.is_file():
         raise CheckpointError(f"checkpoint {str(src)!r} does not exist")
     try:
-        old = torch.load(str(src), map_location="cpu", weights_only=False)  # the caller vouched for the file
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            old = torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {str(src)!r} ({type(exc).__name__}: {exc}); the file is damaged") from exc
+        raise CheckpointError(
+            f"cannot convert {str(src)!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "it is damaged, or holds Python objects other than tensors, plain containers and numpy arrays "
+            "(nothing in it was run)"
+        ) from exc
     if not isinstance(old, dict) or old.get("format") not in LEGACY_FORMATS + (CHECKPOINT_FORMAT,):
         found = old.get("format") if isinstance(old, dict) else type(old).__name__
         raise CheckpointError(f"{str(src)!r} is not a `repa train` checkpoint (format {found!r})")
