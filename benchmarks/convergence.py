@@ -114,13 +114,32 @@ class ConvConfig:
     sra_max_gap: float = 0.2
     arms: Tuple[str, ...] = DEFAULT_ARMS
     threads: Optional[int] = None
+    # the factors of the teacher-ladder study (left out of the fingerprint at their defaults, so
+    # runs stored before they existed are still reused)
+    unconditional: bool = False  # train and sample without labels (every label is the null class)
+    teacher_weights: str = ""  # another fmnist-vit weights file for the REPA arms ("" = the registry's)
+    weight_schedule: str = "constant"  # REPA arms: constant, linear-decay or cosine-decay to 0 at stop_at
+
+    def __post_init__(self) -> None:
+        if self.weight_schedule not in SCHEDULES:
+            raise SystemExit(f"convergence: weight_schedule {self.weight_schedule!r}; choose from {list(SCHEDULES)}")
+        if self.teacher_weights and not os.path.isfile(self.teacher_weights):
+            raise SystemExit(f"convergence: teacher weights {self.teacher_weights!r} is not a file")
 
     def fingerprint(self) -> str:
-        """What a stored run must share with this config to be reused (everything but threads)."""
+        """What a stored run must share with this config to be reused (everything but threads).
+
+        A teacher weights file counts by its content (sha256), not by its path.
+        """
         d = dataclasses.asdict(self)
         d.pop("threads")
         d.pop("seeds")
         d.pop("arms")
+        for name, default in NEW_FIELD_DEFAULTS.items():
+            if d[name] == default:
+                d.pop(name)
+        if d.get("teacher_weights"):
+            d["teacher_weights"] = _file_sha256(d["teacher_weights"])
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def eval_steps(self) -> List[int]:
@@ -128,6 +147,19 @@ class ConvConfig:
         if not points or points[-1] != self.steps:
             points.append(self.steps)
         return points
+
+
+#: fields added after runs were first stored: left out of the fingerprint at these defaults
+NEW_FIELD_DEFAULTS = {"unconditional": False, "teacher_weights": "", "weight_schedule": "constant"}
+SCHEDULES = ("constant", "linear-decay", "cosine-decay")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 #: ``--quick``: one seed, 200 steps, 1000 samples per evaluation with Heun 6; the rest as the full mode.
@@ -190,6 +222,48 @@ class Evaluator(nn.Module):
 def evaluator_features(evaluator: Evaluator, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     evaluator.eval()
     return torch.cat([evaluator.features(images[i : i + batch]) for i in range(0, images.shape[0], batch)]).double()
+
+
+class Scorer:
+    """The readouts of generated samples, all in the evaluator's feature space.
+
+    Calling it gives the FD against the whole test set (the benchmark's main readout);
+    :meth:`score` adds the class consistency of conditional samples (the evaluator's accuracy
+    on them, against the labels they were generated for) and improved precision and recall
+    (Kynkaanniemi et al. 2019, k = 3) against ``n_real`` test images drawn once.
+    """
+
+    def __init__(self, evaluator: Evaluator, test_images: torch.Tensor, n_real: int) -> None:
+        from repa.metrics import feature_stats
+
+        self.evaluator = evaluator
+        feats = evaluator_features(evaluator, test_images)  # (N, 128) float64
+        self.ref_mu, self.ref_sigma = feature_stats(feats)
+        g = torch.Generator().manual_seed(20190412)
+        self.real = feats[torch.randperm(feats.shape[0], generator=g)[: min(n_real, feats.shape[0])]]
+        self.floor: Dict[str, Optional[float]] = {}  # the readouts of real training images (set by prepare)
+
+    def _fd(self, feats: torch.Tensor) -> float:
+        from repa.metrics import feature_stats, frechet_distance_from_stats
+
+        mu, sigma = feature_stats(feats)
+        return float(frechet_distance_from_stats(mu, sigma, self.ref_mu, self.ref_sigma))
+
+    def __call__(self, images: torch.Tensor) -> float:
+        return self._fd(evaluator_features(self.evaluator, images))
+
+    def score(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Dict[str, Optional[float]]:
+        """FD, precision, recall, and class consistency (None without labels)."""
+        from repa.metrics import precision_recall
+
+        feats = evaluator_features(self.evaluator, images)
+        precision, recall = precision_recall(self.real, feats, k=3)
+        consistency = None
+        if labels is not None:
+            with torch.no_grad():
+                pred = self.evaluator.head(feats.float()).argmax(1)
+            consistency = float((pred == labels).float().mean())
+        return {"fd": self._fd(feats), "precision": precision, "recall": recall, "class_consistency": consistency}
 
 
 def train_evaluator(
@@ -266,33 +340,59 @@ def teacher_targets(encoder: nn.Module, images: torch.Tensor, batch: int = 500) 
     return torch.cat([encoder(images[i : i + batch]).half() for i in range(0, images.shape[0], batch)])
 
 
-def build_teachers(cfg: ConvConfig, data: Dict[str, torch.Tensor], weights: Optional[str], log=print) -> Dict[str, Any]:
-    """Targets of the trained teacher (registry weights) and of the random-init control, and their kNN accuracy."""
+def teacher_key(arm: str, cfg: ConvConfig) -> str:
+    """Which teacher an arm aligns to: ``random``, ``trained`` (the registry's) or ``file:<path>``."""
+    if TEACHER_OF[arm] == "random":
+        return "random"
+    return f"file:{cfg.teacher_weights}" if cfg.teacher_weights else "trained"
+
+
+def _build_teacher(key: str, cfg: ConvConfig, data: Dict[str, torch.Tensor], log=print) -> Dict[str, Any]:
+    """One teacher's targets for every training image, with its kNN and linear-probe accuracy."""
     from repa.encoders import create_encoder, get_encoder_spec, locate_weights
+    from repa.metrics import linear_probe
     from repa.sit.teacher import knn_accuracy
 
+    t0 = time.perf_counter()
+    if key == "random":
+        torch.manual_seed(cfg.random_teacher_seed)
+        encoder = create_encoder(TEACHER, pretrained=False)
+        found = f"random init (seed {cfg.random_teacher_seed})"
+    elif key == "trained":
+        encoder = create_encoder(TEACHER)
+        found = str(locate_weights(get_encoder_spec(TEACHER))[0])
+    else:
+        found = key[len("file:"):]
+        encoder = create_encoder(TEACHER, weights=found)
+    targets = teacher_targets(encoder, data["train_images"])  # (N, 49, D)
+    seconds = time.perf_counter() - t0
+    train_pooled = targets.float().mean(1)
+    test_pooled = teacher_targets(encoder, data["test_images"]).float().mean(1)
+    k = min(20, targets.shape[0])
+    acc = knn_accuracy(train_pooled, data["train_labels"], test_pooled, data["test_labels"], k)
+    probe = linear_probe(train_pooled, data["train_labels"], test_pooled, data["test_labels"], num_classes=10)
+    log(f"teacher ({key}): {found}; kNN accuracy {acc:.4f} (k={k}, cosine, mean-pooled tokens), linear probe "
+        f"{probe:.4f}; targets {tuple(targets.shape)} computed once in {seconds:.1f} s")
+    return {"targets": targets, "knn_accuracy": acc, "linear_probe_accuracy": probe, "weights": found,
+            "seconds": seconds, "embed_dim": int(targets.shape[-1])}
+
+
+def teacher_for(arm: str, cfg: ConvConfig, data: Dict[str, torch.Tensor], teachers: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher of ``arm`` under ``cfg``, built on first use and kept in ``teachers``."""
+    key = teacher_key(arm, cfg)
+    if key not in teachers:
+        teachers[key] = _build_teacher(key, cfg, data)
+    return teachers[key]
+
+
+def build_teachers(cfg: ConvConfig, data: Dict[str, torch.Tensor], log=print) -> Dict[str, Any]:
+    """The teachers ``cfg.arms`` align to, and raw pixels' kNN accuracy for comparison."""
     out: Dict[str, Any] = {}
-    need = {kind: any(TEACHER_OF.get(a) == kind for a in cfg.arms) for kind in ("trained", "random")}
-    for kind in ("trained", "random"):
-        if not need[kind]:
-            continue
-        t0 = time.perf_counter()
-        if kind == "trained":
-            encoder = create_encoder(TEACHER, weights=weights)
-            found = weights or str(locate_weights(get_encoder_spec(TEACHER))[0])
-        else:
-            torch.manual_seed(cfg.random_teacher_seed)
-            encoder = create_encoder(TEACHER, pretrained=False)
-            found = f"random init (seed {cfg.random_teacher_seed})"
-        targets = teacher_targets(encoder, data["train_images"])  # (N, 49, D)
-        seconds = time.perf_counter() - t0
-        test_pooled = teacher_targets(encoder, data["test_images"]).float().mean(1)
-        k = min(20, targets.shape[0])
-        acc = knn_accuracy(targets.float().mean(1), data["train_labels"], test_pooled, data["test_labels"], k)
-        out[kind] = {"targets": targets, "knn_accuracy": acc, "weights": found, "seconds": seconds,
-                     "embed_dim": int(targets.shape[-1])}
-        log(f"teacher ({kind}): {found}; kNN accuracy {acc:.4f} (k={k}, cosine, mean-pooled tokens); "
-            f"targets {tuple(targets.shape)} computed once in {seconds:.1f} s")
+    for arm in cfg.arms:
+        if arm in TEACHER_OF and teacher_key(arm, cfg) not in out:
+            out[teacher_key(arm, cfg)] = _build_teacher(teacher_key(arm, cfg), cfg, data, log=log)
+    from repa.sit.teacher import knn_accuracy
+
     pixels = knn_accuracy(data["train_images"].flatten(1).float(), data["train_labels"],
                           data["test_images"].flatten(1).float(), data["test_labels"], min(20, data["train_images"].shape[0]))
     out["pixel_knn_accuracy"] = pixels
@@ -307,6 +407,11 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * (seed + 1) + step)
 
 
+def sample_labels(cfg: ConvConfig, n: int) -> torch.Tensor:
+    """The labels samples are generated for: class-balanced, or all null (10) when unconditional."""
+    return torch.full((n,), 10) if cfg.unconditional else torch.arange(n) % 10
+
+
 @torch.no_grad()
 def generate(model: nn.Module, cfg: ConvConfig, n: int, batch: int = 500) -> torch.Tensor:
     """``n`` class-balanced samples in [-1, 1] (n, 1, 28, 28), the same noise and labels for every arm."""
@@ -314,7 +419,7 @@ def generate(model: nn.Module, cfg: ConvConfig, n: int, batch: int = 500) -> tor
 
     model.eval()
     g = torch.Generator().manual_seed(20241007)
-    labels = torch.arange(n) % 10
+    labels = sample_labels(cfg, n)
     noise = torch.randn(n, 1, 28, 28, generator=g)
     out = []
     for i in range(0, n, batch):
@@ -342,7 +447,7 @@ def run_arm(
     from tqdm.auto import tqdm
 
     from repa import DispersiveRegularizer, REPARegularizer, SelfAlignmentRegularizer
-    from repa.schedules import StopAt
+    from repa.schedules import CosineDecay, LinearDecay, StopAt
     from repa.sit.configs import build_model
     from repa.sit.ema import EMA
     from repa.sit.step import StepBatch, training_step
@@ -354,11 +459,15 @@ def run_arm(
     reg = None
     targets = None
     if arm in TEACHER_OF:
-        teacher = teachers[TEACHER_OF[arm]]
+        teacher = teacher_for(arm, cfg, data, teachers)
         targets = teacher["targets"]
         weight: Any = cfg.proj_coeff
+        end = int(round(cfg.stop_at * cfg.steps))
         if arm == "repa-stop":
-            weight = StopAt(cfg.proj_coeff, stop=int(round(cfg.stop_at * cfg.steps)))
+            weight = StopAt(cfg.proj_coeff, stop=end)
+        elif cfg.weight_schedule != "constant":
+            kind = LinearDecay if cfg.weight_schedule == "linear-decay" else CosineDecay
+            weight = kind(cfg.proj_coeff, start=0, end=end)
         torch.manual_seed(seed + 7919)  # projectors: their own stream, the SiT init stays shared
         reg = REPARegularizer(model, layers=cfg.encoder_depth - 1, encoders={TEACHER: teacher["embed_dim"]},
                               weight=weight, projector_dim=cfg.projector_dim)
@@ -396,6 +505,8 @@ def run_arm(
         t = sample_time(x.shape[0], "uniform", path=path, generator=g)
         noise = torch.randn(x.shape, generator=g)
         drop = (torch.rand(x.shape[0], generator=g) < cfg.cfg_prob).long()
+        if cfg.unconditional:  # drawn all the same, so every arm keeps the same random stream
+            drop = torch.ones_like(drop)
         # the library's own step (repa.sit.step): loss, backward, clip 1.0, AdamW, EMA with this benchmark's warm-up
         record = training_step(
             model, StepBatch(x=x, y=labels[idx], t=t, noise=noise, drop=drop,
@@ -411,8 +522,9 @@ def run_arm(
         if step + 1 in evals:
             t1 = time.perf_counter()
             samples = generate(ema["model"], cfg, cfg.samples)
-            fd = fd_fn(samples)
-            curve.append({"step": step + 1, "fd": fd, "eval_seconds": time.perf_counter() - t1})
+            scores = fd_fn.score(samples, None if cfg.unconditional else sample_labels(cfg, cfg.samples))
+            fd = scores["fd"]
+            curve.append({"step": step + 1, **scores, "eval_seconds": time.perf_counter() - t1})
             bar.set_postfix(fd=f"{fd:.1f}")
             model.train()
     bar.close()
@@ -488,6 +600,10 @@ def steps_to_reach(curve: Sequence[Tuple[float, float]], target: float) -> Optio
     return None
 
 
+#: readouts besides FD stored at each evaluation (see Scorer.score)
+READOUTS = ("class_consistency", "precision", "recall")
+
+
 def summarize(runs: List[Dict[str, Any]], cfg: ConvConfig, target_seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """Mean and spread of FD per arm and step; steps and wall-clock speedups to vanilla's final FD.
 
@@ -511,6 +627,9 @@ def summarize(runs: List[Dict[str, Any]], cfg: ConvConfig, target_seconds: Optio
             "fd_std": [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*fds)],
             "step_s": statistics.fmean(r["median_step_s"] for r in rs),  # steady state, no warm-up step
         }
+        for key in READOUTS:  # the final evaluation's other readouts, mean over seeds (runs stored before them lack them)
+            vals = [r["curve"][-1].get(key) for r in rs]
+            arms[arm][f"final_{key}"] = statistics.fmean(vals) if vals and None not in vals else None
     out: Dict[str, Any] = {"steps": steps, "arms": arms}
     if "vanilla" not in arms:
         return out
@@ -580,6 +699,15 @@ def format_tables(result: Dict[str, Any]) -> str:
                 f"{bound}{_fmt(a['speedup_steps'], '.2f')} | {per_seed} | {bound}{_fmt(a['speedup_wallclock'], '.2f')} | "
                 f"{bound}{_fmt(a.get('speedup_wallclock_incl_targets'), '.2f')} |"
             )
+    if any(s["arms"][a].get("final_precision") is not None for a in s["arms"]):
+        lines += ["", f"At step {steps[-1]} (mean over seeds; real training images: "
+                  + ", ".join(f"{k.replace('_', ' ')} {_fmt(result['evaluation'].get('floor_scores', {}).get(k), '.3f')}"
+                              for k in READOUTS) + "):", "",
+                  "| arm | class consistency | precision | recall |", "|---|---:|---:|---:|"]
+        for arm in ARMS:
+            if arm in s["arms"]:
+                a = s["arms"][arm]
+                lines.append(f"| {a['label']} | " + " | ".join(_fmt(a[f"final_{k}"], ".3f") for k in READOUTS) + " |")
     checks = result.get("sampler_check")
     if checks:
         keys = [k for k in checks[0] if k != "arm"]
@@ -628,6 +756,13 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
 # ------------------------------------------------------------------------------------ main
 
 
+FIELD_HELP = {
+    "unconditional": "train and sample without labels (every label is the null class; no class consistency)",
+    "teacher_weights": "fmnist-vit weights file the REPA arms align to (default: the registry's local weights)",
+    "weight_schedule": "REPA arms' weight: constant, or decaying from --proj-coeff to 0 at --stop-at of the run",
+}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     d = ConvConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -635,7 +770,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help=f"one seed, shorter runs ({QUICK})")
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests); its numbers mean nothing")
     p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--teacher-weights", default=None, help="fmnist-vit weights file (default: the registry's local weights)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/convergence-<mode>)")
     p.add_argument("--evaluator-dir", default=None,
                    help="where the trained evaluator is kept and reused (default: benchmarks/results/evaluator)")
@@ -643,9 +777,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for f in dataclasses.fields(ConvConfig):
         if f.name in ("arms", "model_kwargs"):
             continue
-        kind = {int: int, float: float, str: str}.get(type(getattr(d, f.name)), int)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                       help=f"(default: {getattr(d, f.name)})")
+        flag, default = "--" + f.name.replace("_", "-"), getattr(d, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=FIELD_HELP.get(f.name))
+            continue
+        kind = {int: int, float: float, str: str}.get(type(default), int)
+        choices = SCHEDULES if f.name == "weight_schedule" else None
+        p.add_argument(flag, type=kind, default=None, choices=choices,
+                       help=f"{FIELD_HELP.get(f.name, '')} (default: {default!r})".strip())
     p.add_argument("--check-sampler", action="store_true",
                    help="also score seed 0's final vanilla and REPA models with 2x the sampler steps and with Euler 50")
     p.add_argument("--no-progress", action="store_true")
@@ -681,31 +820,27 @@ def prepare(
     *,
     data_dir: Optional[str] = None,
     evaluator_dir: Optional[str] = None,
-    teacher_weights: Optional[str] = None,
     progress: bool = True,
-) -> Tuple[Dict[str, torch.Tensor], Any, float, float, Dict[str, Any]]:
-    """What every run shares: the data, the FD function, the real-vs-real floor, the evaluator's accuracy, the teachers.
+) -> Tuple[Dict[str, torch.Tensor], Scorer, float, float, Dict[str, Any]]:
+    """What every run shares: the data, the scorer, the real-vs-real floor, the evaluator's accuracy, the teachers.
 
-    Returns ``(data, fd_fn, floor, evaluator_accuracy, teachers)``; ``fd_fn(images)`` is the FD
+    Returns ``(data, scorer, floor, evaluator_accuracy, teachers)``; ``scorer(images)`` is the FD
     of float images in [-1, 1] against the test set in the evaluator's feature space.
     """
-    from repa.metrics import feature_stats, frechet_distance_from_stats
-
     data = load_fashion_mnist(data_dir, cfg)
     ev_dir = Path(evaluator_dir or Path(__file__).resolve().parent / "results" / "evaluator")
     evaluator, eval_acc = load_or_train_evaluator(data, cfg, ev_dir, progress=progress)
-    ref_mu, ref_sigma = feature_stats(evaluator_features(evaluator, data["test_images"]))
-
-    def fd_fn(images: torch.Tensor) -> float:
-        mu, sigma = feature_stats(evaluator_features(evaluator, images))
-        return float(frechet_distance_from_stats(mu, sigma, ref_mu, ref_sigma))
-
+    scorer = Scorer(evaluator, data["test_images"], cfg.samples)
     g = torch.Generator().manual_seed(99)
-    real = data["train_images"][torch.randperm(data["train_images"].shape[0], generator=g)[: cfg.samples]]
-    floor = fd_fn(real)
-    print(f"real vs real: FD {floor:.2f} ({real.shape[0]} training images vs {data['test_images'].shape[0]} test images)")
-    teachers = build_teachers(cfg, data, teacher_weights, log=print)
-    return data, fd_fn, floor, eval_acc, teachers
+    pick = torch.randperm(data["train_images"].shape[0], generator=g)[: cfg.samples]
+    real = data["train_images"][pick]
+    scorer.floor = scorer.score(real, data["train_labels"][pick])
+    floor = scorer.floor["fd"]
+    print(f"real vs real: FD {floor:.2f}, precision {scorer.floor['precision']:.3f}, recall {scorer.floor['recall']:.3f}, "
+          f"class consistency {scorer.floor['class_consistency']:.3f} ({real.shape[0]} training images vs "
+          f"{data['test_images'].shape[0]} test images)")
+    teachers = build_teachers(cfg, data, log=print)
+    return data, scorer, floor, eval_acc, teachers
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -721,9 +856,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     print(f"convergence benchmark ({mode}): {command}", flush=True)
 
-    data, fd_fn, floor, eval_acc, teachers = prepare(
-        cfg, data_dir=args.data, evaluator_dir=args.evaluator_dir, teacher_weights=args.teacher_weights, progress=progress
-    )
+    data, fd_fn, floor, eval_acc, teachers = prepare(cfg, data_dir=args.data, evaluator_dir=args.evaluator_dir,
+                                                     progress=progress)
 
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -758,6 +892,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "evaluator_test_accuracy": eval_acc,
             "reference": f"Fashion-MNIST test set ({data['test_images'].shape[0]} images)",
             "floor_fd": floor,
+            "floor_scores": fd_fn.floor,
             "sampler": f"ODE {cfg.solver}, {cfg.sample_steps} steps, no guidance, EMA {cfg.ema_decay} weights",
         },
         "teachers": {k: {kk: vv for kk, vv in v.items() if kk != "targets"} if isinstance(v, dict) else v
@@ -765,7 +900,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": runs,
         "sampler_check": checks,
         "summary": summarize(runs, cfg, {
-            arm: teachers[TEACHER_OF[arm]]["seconds"] if arm in TEACHER_OF else 0.0
+            arm: teachers[teacher_key(arm, cfg)]["seconds"] if arm in TEACHER_OF else 0.0
             for arm in cfg.arms if arm != "vanilla"
         }),
         "total_seconds": time.perf_counter() - t_start,
@@ -775,8 +910,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(format_tables(result))
     print()
-    print(f"evaluator test accuracy {eval_acc:.4f}; real-vs-real floor FD {floor:.2f}; "
-          f"teacher kNN {teachers['trained']['knn_accuracy']:.4f}" if "trained" in teachers else "")
+    print(f"evaluator test accuracy {eval_acc:.4f}; real-vs-real floor FD {floor:.2f}"
+          + "".join(f"; teacher {k}: kNN {t['knn_accuracy']:.4f}, linear probe {t['linear_probe_accuracy']:.4f}"
+                    for k, t in teachers.items() if isinstance(t, dict)))
     print(f"wrote {out / 'result.json'}" + (f" and {png}" if png else "") + f" in {result['total_seconds'] / 60:.1f} min")
     return 0
 

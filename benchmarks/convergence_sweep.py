@@ -42,7 +42,8 @@ FORMAT = "repa-convergence-sweep/1"
 #: arm has the paper's weight 0.5 (and a 512-wide projector), from which each factor moves.
 SWEEP = dict(seeds=1, steps=600, eval_every=100, samples=1000, sample_steps=6, proj_coeff=0.5, projector_dim=512)
 #: Fields only REPA arms read; a variant's vanilla baseline resets them to the base config.
-REPA_ONLY = ("encoder_depth", "proj_coeff", "projector_dim", "stop_at", "random_teacher_seed")
+REPA_ONLY = ("encoder_depth", "proj_coeff", "projector_dim", "stop_at", "random_teacher_seed", "teacher_weights",
+             "weight_schedule")
 #: The default grid: the base REPA arm, then one factor at a time.
 DEFAULT_VARIANTS = (
     "base:",
@@ -79,7 +80,12 @@ def parse_variant(text: str, base: conv.ConvConfig) -> Tuple[str, str, conv.Conv
                              f"of {allowed} or arm=...")
         kind = type(getattr(base, key))
         try:
-            changes[key] = kind(float(value)) if kind is int else kind(value)
+            if kind is bool:
+                if value.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(value)
+                changes[key] = value.lower() in ("1", "true")
+            else:
+                changes[key] = kind(float(value)) if kind is int else kind(value)
         except ValueError:
             raise SystemExit(f"convergence_sweep.py: variant {name!r}: {key}={value!r} is not a {kind.__name__}") from None
     return name, arm, dataclasses.replace(base, **changes)
@@ -108,8 +114,8 @@ def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = ["| variant | arm | changes | FD final (vanilla) | steps to vanilla's final | speedup (steps) | per seed | "
-             "speedup (wall clock) | s/step (vanilla) |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|"]
+             "speedup (wall clock) | s/step (vanilla) | class consistency (vanilla) | precision / recall (vanilla) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         bound = ">= " if r["reached_at_first_eval"] else ""
         reach = r["steps_to_vanilla_final"]
@@ -117,7 +123,10 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             f"| {r['name']} | {r['arm']} | {r['changes'] or '-'} | {r['fd_final']:.1f} ({r['vanilla_fd_final']:.1f}) | "
             f"{'not reached' if reach is None else f'{reach:.0f}'} | {bound}{conv._fmt(r['speedup_steps'], '.2f')} | "
             f"{', '.join(conv._fmt(x, '.2f') for x in r['speedup_steps_per_seed'])} | "
-            f"{bound}{conv._fmt(r['speedup_wallclock'], '.2f')} | {r['step_s']:.3f} ({r['vanilla_step_s']:.3f}) |"
+            f"{bound}{conv._fmt(r['speedup_wallclock'], '.2f')} | {r['step_s']:.3f} ({r['vanilla_step_s']:.3f}) | "
+            f"{conv._fmt(r.get('final_class_consistency'), '.3f')} ({conv._fmt(r.get('vanilla_final_class_consistency'), '.3f')}) | "
+            f"{conv._fmt(r.get('final_precision'), '.2f')} / {conv._fmt(r.get('final_recall'), '.2f')} "
+            f"({conv._fmt(r.get('vanilla_final_precision'), '.2f')} / {conv._fmt(r.get('vanilla_final_recall'), '.2f')}) |"
         )
     return "\n".join(lines)
 
@@ -147,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("seeds", "steps", "eval_every", "samples", "sample_steps"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.teacher_weights:
+        values["teacher_weights"] = args.teacher_weights
     base = conv.ConvConfig(**values)
     if base.seeds < 1:
         raise SystemExit(f"convergence_sweep.py: --seeds {base.seeds} must be at least 1")
@@ -172,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     used_arms = {arm for _, arm, _ in variants}
     shared = dataclasses.replace(base, arms=tuple(a for a in conv.ARMS if a in used_arms or a == "vanilla"))
     data, fd_fn, floor, eval_acc, teachers = conv.prepare(
-        shared, data_dir=args.data, evaluator_dir=args.evaluator_dir, teacher_weights=args.teacher_weights, progress=progress
+        shared, data_dir=args.data, evaluator_dir=args.evaluator_dir, progress=progress
     )
 
     def run(arm: str, cfg: conv.ConvConfig, seed: int) -> Dict[str, Any]:
@@ -204,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "changes": changes,
             "config": dataclasses.asdict(cfg),
             "fd_final": statistics.fmean(r["curve"][-1]["fd"] for r, _, _ in per_seed),
+            **{f"final_{k}": _mean([r["curve"][-1].get(k) for r, _, _ in per_seed]) for k in conv.READOUTS},
+            **{f"vanilla_final_{k}": _mean([v["curve"][-1].get(k) for _, v, _ in per_seed]) for k in conv.READOUTS},
             "vanilla_fd_final": statistics.fmean(v["curve"][-1]["fd"] for _, v, _ in per_seed),
             "curves": [r["curve"] for r, _, _ in per_seed],
             "vanilla_curves": [v["curve"] for _, v, _ in per_seed],

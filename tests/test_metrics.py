@@ -19,6 +19,7 @@ from repa.metrics import (
     frechet_distance_from_stats,
     linear_probe,
     mutual_knn,
+    precision_recall,
 )
 
 # ----------------------------------------------------------------------------- references
@@ -366,3 +367,59 @@ def test_linear_probe_errors():
         linear_probe(x, y, x, y, optimizer="sgd")
     with pytest.raises(ConfigError, match="epochs must be a positive int, got 0"):
         linear_probe(x, y, x, y, epochs=0)
+
+
+# ----------------------------------------------------------------------------- precision and recall
+
+
+def _pr_reference(real, fake, k):
+    """Kynkaanniemi et al. 2019 with plain loops: k-NN radii in each set, then ball membership."""
+
+    def radii(x):
+        out = []
+        for i in range(len(x)):
+            d = sorted(float(np.linalg.norm(x[i] - x[j])) for j in range(len(x)) if j != i)
+            out.append(d[k - 1])
+        return out
+
+    def covered(points, centres, r):
+        return sum(any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r)) for p in points) / len(points)
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_matches_loops(k, chunking, monkeypatch):
+    if chunking:
+        monkeypatch.setattr(metrics, "_CHUNK_BYTES", 8 * 40 * 3)  # 3 rows per block
+    rng = _rng(5 + k)
+    real = rng.normal(size=(40, 4))
+    fake = rng.normal(size=(30, 4)) * 0.6 + 1.0  # shifted and narrower: precision and recall both below 1
+    p, r = precision_recall(real, torch.from_numpy(fake), k=k)
+    p_ref, r_ref = _pr_reference(real, fake, k)
+    assert (p, r) == pytest.approx((p_ref, r_ref), abs=1e-12)
+    assert 0 < p < 1 and 0 < r < 1
+
+
+def test_precision_recall_hand_cases():
+    # real on a line at 0, 1, 2, 3: with k = 1 each real ball has radius 1, covering [-1, 4]
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [3.9], [10.0], [11.0]])  # two inside the real balls, two far away
+    p, r = precision_recall(real, fake, k=1)
+    assert p == 0.5
+    # fake radii (k = 1): 0.5 -> 3.4, 3.9 -> 3.4, 10 -> 1, 11 -> 1; every real point lies within 3.4 of 0.5
+    assert r == 1.0
+    same = np.random.default_rng(0).normal(size=(50, 3))
+    assert precision_recall(same, same.copy()) == (1.0, 1.0)
+
+
+def test_precision_recall_errors():
+    with pytest.raises(ShapeMismatchError, match="same feature width"):
+        precision_recall(torch.randn(10, 3), torch.randn(10, 4))
+    with pytest.raises(ShapeMismatchError, match="more than k=3 rows in fake, got 3"):
+        precision_recall(torch.randn(10, 3), torch.randn(3, 3))
+    with pytest.raises(ConfigError, match="k must be a positive int"):
+        precision_recall(torch.randn(10, 3), torch.randn(10, 3), k=0)
+    with pytest.raises(ConfigError, match="NaN"):
+        precision_recall(torch.full((10, 3), float("nan")), torch.randn(10, 3))

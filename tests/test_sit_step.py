@@ -117,6 +117,51 @@ def test_repa_term_enters_the_loss_with_its_weight():
     assert -1.0 <= record.cos.item() <= 1.0
 
 
+
+def test_a_stopped_step_leaves_the_projectors_alone_and_updates_the_model_as_before():
+    """At weight 0 (after a stop) the projectors, their AdamW state and their EMA shadow do not move;
+    the model's update is the one a vanilla step would make (same loss, same clipped gradient)."""
+    from repa import REPARegularizer
+    from repa.schedules import StopAt
+    from repa.sit import create_sit
+
+    def build():
+        torch.manual_seed(0)
+        model = create_sit("SiT-S/2", input_size=8, in_channels=4, depth=2, hidden_size=32, num_heads=2)
+        reg = REPARegularizer(model, layers=0, encoders={"t": 8}, weight=StopAt(0.5, stop=1), projector_dim=16)
+        opt = torch.optim.AdamW([*model.parameters(), *reg.parameters()], lr=1e-2)
+        ema = EMA({"model": model, "projectors": reg.projectors}, 0.5)
+        return model, reg, opt, ema
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 8, 8)
+    batch = StepBatch(x=x, y=torch.zeros(2, dtype=torch.long), t=torch.tensor([0.3, 0.6]), noise=torch.randn_like(x),
+                      drop=torch.zeros(2, dtype=torch.long), features={"t": torch.randn(2, 16, 8)})
+    model, reg, opt, ema = build()
+    sources = {"model": model, "projectors": reg.projectors}
+    training_step(model, batch, path=get_path("linear"), optimizer=opt, regularizer=reg, ema=ema, ema_sources=sources,
+                  reg_step=0)  # weight 0.5: everything moves
+    proj = [p.clone() for p in reg.projectors.parameters()]
+    shadow = [p.clone() for p in ema["projectors"].parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in reg.projectors.parameters()]
+    model_before = [p.clone() for p in model.parameters()]
+    record = training_step(model, batch, path=get_path("linear"), optimizer=opt, regularizer=reg, ema=ema,
+                           ema_sources=sources, reg_step=1)  # weight 0
+    assert record.repa_total is not None and record.repa_total.item() == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(proj, reg.projectors.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(shadow, ema["projectors"].parameters()))
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(moments, reg.projectors.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model_before, model.parameters()))
+    # the model's step equals a vanilla step from the same state (its AdamW state included)
+    model2, reg2, opt2, ema2 = build()
+    training_step(model2, batch, path=get_path("linear"), optimizer=opt2, regularizer=reg2, ema=ema2,
+                  ema_sources={"model": model2, "projectors": reg2.projectors}, reg_step=0)
+    reg2.remove()
+    training_step(model2, batch, path=get_path("linear"), optimizer=opt2, ema=ema2,
+                  ema_sources={"model": model2, "projectors": reg2.projectors})
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
 # ---------------------------------------------------------------------------------------- flags
 
 

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._images import IMAGE_EXTENSIONS, bad_image_message, center_crop, image_is_readable, list_images
-from ._io import atomic_write_text
+from ._io import atomic_write, atomic_write_text
 from .errors import ConfigError, CorruptImageError, DataNotFoundError, WeightsNotFoundError, require
 
 __all__ = [
@@ -146,16 +146,13 @@ def write_idx(path: PathLike, array: np.ndarray) -> Path:
         raise ConfigError(f"write_idx writes uint8 arrays, got dtype {array.dtype}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
-    try:
+
+    def write(tmp: str) -> None:
         with (gzip.open(tmp, "wb") if path.suffix == ".gz" else open(tmp, "wb")) as fh:
             fh.write(header + array.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def _idx_file(root: Path, stem: str) -> Optional[Path]:
@@ -462,16 +459,18 @@ def prepare_latents(
         start += img.shape[0]
     moments.flush()
     del moments
-    os.replace(tmp("moments.npy"), out / "moments.npy")
+    os.replace(tmp("moments.npy"), out / "moments.npy")  # memmaps are filled in place, then renamed as repa._io does
     if images is not None:
         images.flush()
         del images
         os.replace(tmp("images.npy"), out / "images.npy")
     else:
         _atomic_text(out / "files.json", json.dumps([rel for rel, _ in source.items]))
-    with open(tmp("labels.npy"), "wb") as fh:  # a file handle: np.save would append ".npy" to the name
-        np.save(fh, labels)
-    os.replace(tmp("labels.npy"), out / "labels.npy")
+    def write_labels(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as fh:  # a file handle: np.save would append ".npy" to the name
+            np.save(fh, labels)
+
+    atomic_write(out / "labels.npy", write_labels)
     meta = {
         "format": LATENT_FORMAT,
         "count": n,

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -382,9 +381,8 @@ def main(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(summary, indent=1))
     print(f"{value:.6f}")
-    print(
-        f"repa fd: FD-{summary['encoder']} ({args.pool} pool) = {value:.4f} between {summary['samples']['count']} samples "
+    logging.getLogger("repa").info(
+        f"fd: FD-{summary['encoder']} ({args.pool} pool) = {value:.4f} between {summary['samples']['count']} samples "
         f"and {summary['ref']['count']} reference images",
-        file=sys.stderr,
     )
     return 0

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,11 +421,10 @@ def _run_build(plan: BuildPlan, dist_info: Any, report: CacheBuildReport, *, num
         )
     if progress and dist_info.is_main:
         per_image = sum(bytes_per_image(n, res, dtype_name) for n in canonical)
-        print(
-            f"repa cache: {count} images at {res}px -> {out}: {_human(per_image)} of {dtype_name} targets per image, "
+        _log.info(
+            f"cache: {count} images at {res}px -> {out}: {_human(per_image)} of {dtype_name} targets per image, "
             f"{_human(per_image * count)} in all; {num_shards} shard(s) over {dist_info.world_size} process(es), "
             f"{len(report.skipped)} already finished here",
-            file=sys.stderr,
         )
     if pending:
         _build_shards(plan, pending, num_workers=num_workers, device=dist_info.device,

@@ -53,6 +53,8 @@ from ..errors import (
 )
 from ..video import FRAME_POOLING, latent_frame_groups
 
+_log = logging.getLogger("repa")
+
 __all__ = [
     "VIDEO_CACHE_FORMAT",
     "FRAME_EXTENSIONS",
@@ -517,6 +519,5 @@ def main(args: argparse.Namespace) -> int:
         dtype=args.dtype, frame_chunk=args.frame_chunk, weights=weights, pretrained=args.pretrained, seed=args.seed,
         device=args.device, progress=not args.no_progress,
     )
-    print(f"repa cache: video cache of {index['count']} clips at {args.out}; check with `repa cache verify {args.out}`",
-          file=sys.stderr)
+    _log.info(f"cache: video cache of {index['count']} clips at {args.out}; check with `repa cache verify {args.out}`")
     return 0

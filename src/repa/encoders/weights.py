@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
+from .._io import atomic_write
 from ..errors import WeightsNotFoundError
 from .spec import EncoderSpec
 
@@ -197,14 +198,8 @@ def _download(spec: EncoderSpec, cache_dir: Optional[PathLike]) -> Path:
     target_dir = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / _url_filename(spec.url)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        torch.hub.download_url_to_file(spec.url, str(tmp), progress=True)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    url = spec.url
+    return atomic_write(target, lambda tmp: torch.hub.download_url_to_file(url, tmp, progress=True))
 
 
 def resolve_weights(spec: EncoderSpec, cache_dir: Optional[PathLike] = None) -> Path:

@@ -9,6 +9,7 @@ module keeps ``from repa.sit.data import ...`` working and the deprecated comman
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -25,6 +26,8 @@ from ..datasets import (  # noqa: F401  (names used below and the old private he
     prepare_latents,
 )
 from ..datasets import __all__ as _datasets_all
+
+_log = logging.getLogger("repa")
 
 __all__ = list(_datasets_all)
 
@@ -57,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m repa.sit.data prepare-latents ...`` (deprecated: use ``repa cache --vae``)."""
     args = _parser().parse_args(argv)
     warnings.warn(LATENTS_DEPRECATED, DeprecationWarning, stacklevel=2)
-    print(f"prepare-latents: deprecated: {LATENTS_DEPRECATED}", file=sys.stderr)
+    _log.warning(f"prepare-latents: deprecated: {LATENTS_DEPRECATED}")
     from ..errors import REPAError
 
     try:

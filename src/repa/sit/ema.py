@@ -9,7 +9,7 @@ independent deep copies in eval mode, so sampling from them never touches the tr
 from __future__ import annotations
 
 import copy
-from typing import Dict, Mapping
+from typing import Collection, Dict, Mapping
 
 import torch
 from torch import nn
@@ -45,12 +45,17 @@ class EMA(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, modules: Mapping[str, nn.Module], decay: float | None = None) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param for every parameter; buffers copied."""
+    def update(self, modules: Mapping[str, nn.Module], decay: float | None = None, skip: Collection[str] = ()) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param for every parameter; buffers copied.
+
+        ``skip``: names whose shadows are left as they are this time (modules nothing updated).
+        """
         d = self.decay if decay is None else float(decay)
         if set(modules) != set(self.shadows.keys()):
             raise ConfigError(f"EMA.update got modules {sorted(modules)}, expected {sorted(self.shadows.keys())}")
         for name, module in modules.items():
+            if name in skip:
+                continue
             shadow = self.shadows[name]
             s_params = list(shadow.parameters())
             params = [p.detach() for p in module.parameters()]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +23,8 @@ from .._io import atomic_write_text
 from ..errors import ConfigError
 from ..probing import plot_alignment, probe_alignment
 from .transport import get_path
+
+_log = logging.getLogger("repa")
 
 __all__ = ["add_arguments", "main"]
 
@@ -136,9 +138,8 @@ def main(args: argparse.Namespace) -> int:
     atomic_write_text(out / "alignment.json", json.dumps(result.to_dict(), indent=1), fsync=False)
     png = plot_alignment(result, out / "alignment.png")
     best = max(range(len(result.layers)), key=lambda j: max(row[j] for row in result.cknna))
-    print(
-        f"repa probe: {result.num_samples} samples, {len(result.layers)} layers x {len(ts)} noise levels; highest CKNNA "
+    _log.info(
+        f"probe: {result.num_samples} samples, {len(result.layers)} layers x {len(ts)} noise levels; highest CKNNA "
         f"at {result.layers[best]}; wrote {out / 'alignment.json'} and {png}",
-        file=sys.stderr,
     )
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write_text
 from ..errors import CheckpointError, NonFiniteLossError
 from .checkpoint import latest_checkpoint, list_checkpoints, resolve_checkpoint
 from .configs import FIELD_NAMES, TrainConfig
@@ -259,7 +259,5 @@ def _truncate_log(log_file: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue
-    tmp = log_file.with_name(f".{log_file.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_file)
+    atomic_write_text(log_file, "".join(line + "\n" for line in kept))
 

@@ -32,8 +32,10 @@ refused. The folder is locked while a process writes it.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,6 +44,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._io import atomic_write, atomic_write_text
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import resolve_checkpoint
 from .configs import build_model
@@ -49,6 +52,8 @@ from .distributed import DistInfo, barrier, init_distributed, lock_folder_on_mai
 from .images import PIXEL_ROUNDINGS, save_png, to_uint8
 from .official import add_official_arguments, load_any_checkpoint
 from .sampling import METHODS, SOLVERS, sample
+
+_log = logging.getLogger("repa")
 
 __all__ = [
     "add_arguments", "main", "load_sampling_model", "sample_labels", "sample_noise", "write_npz", "write_record",
@@ -131,6 +136,11 @@ def _png_path(folder: Path, index: int) -> Path:
     return folder / "images" / f"{index:06d}.png"
 
 
+def _savez(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file handle, so numpy keeps the name
+        np.savez(fh, arr_0=arr)
+
+
 def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
     """Pack ``images/000000.png`` .. into ``samples.npz`` (``arr_0`` uint8 (n, H, W, 3)), atomically."""
     from PIL import Image
@@ -148,16 +158,12 @@ def write_npz(folder: Path, n: int, progress: bool = False) -> Path:
         arr[i] = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img[..., :3]
     arr.flush()
     out = folder / "samples.npz"
-    tmp = folder / f".samples.tmp{os.getpid()}.npz"
     try:
-        with open(tmp, "wb") as fh:  # a file handle, so numpy keeps the name
-            np.savez(fh, arr_0=arr)
-        os.replace(tmp, out)
+        atomic_write(out, functools.partial(_savez, arr=arr))
     finally:
         del arr
-        for leftover in (tmp, tmp_npy):
-            if leftover.exists():
-                leftover.unlink()
+        if tmp_npy.exists():
+            tmp_npy.unlink()
     return out
 
 
@@ -249,10 +255,7 @@ def write_record(folder: Path, settings: Dict[str, Any]) -> Path:
                 f"{folder} already holds images but no samples.json, so they may come from other settings; pass "
                 "another --out, or delete that folder"
             )
-    tmp = folder / f".samples.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 def _raise_on_any_rank(info: DistInfo, failure: Optional[BaseException], what: str) -> None:
@@ -343,7 +346,7 @@ def main(args: argparse.Namespace) -> int:
         barrier(info)
         if info.is_main:
             npz = write_npz(out, n, progress=not args.no_progress)
-            print(f"repa sample: {n} images in {out / 'images'}; ADM evaluation input {npz}", file=sys.stderr)
+            _log.info(f"sample: {n} images in {out / 'images'}; ADM evaluation input {npz}")
         barrier(info)
     finally:
         if lock is not None:

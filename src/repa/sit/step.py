@@ -155,6 +155,20 @@ def step_losses(
     return StepLosses(loss=loss, denoise=denoise, repa=out, terms=terms)
 
 
+def _idle_projectors(regularizer: Any, out: Any) -> Optional[nn.Module]:
+    """The regularizer's projectors when its weight is 0 at this step (a stop schedule), else None.
+
+    At weight 0 the regularizer skips the encoder and projectors but still returns a zero that
+    touches every projector parameter (so DDP sees a gradient for each); those all-zero
+    gradients are dropped here, so the optimizer, clipping and EMA skip the projectors and a
+    stopped REPA step costs what a vanilla step does. The model's update is unchanged.
+    """
+    if regularizer is None or out is None or out.weight != 0.0:
+        return None
+    projectors = getattr(regularizer, "projectors", None)
+    return projectors if isinstance(projectors, nn.Module) else None
+
+
 def training_step(
     model: Callable[..., torch.Tensor],
     batch: StepBatch,
@@ -205,6 +219,10 @@ def training_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    idle = _idle_projectors(regularizer, losses.repa)
+    if idle is not None:  # weight 0 this step: the projectors' zero gradients are dropped, so nothing updates them
+        for p in idle.parameters():
+            p.grad = None
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if before_update is not None:
@@ -216,7 +234,8 @@ def training_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
-        ema.update(ema_sources if ema_sources is not None else {"model": model}, ema_decay)
+        sources = ema_sources if ema_sources is not None else {"model": model}
+        ema.update(sources, ema_decay, skip=[k for k, m in sources.items() if idle is not None and m is idle])
     with torch.no_grad():
         zero = torch.zeros((), device=batch.x.device)
         out = losses.repa

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_write_text
 from ..errors import ConfigError, DataNotFoundError
 
 __all__ = [
@@ -591,14 +592,7 @@ def save_teacher(result: TeacherResult, path: Optional[PathLike] = None, command
     record = {k: v for k, v in result.record.items() if k != "losses"}
     record["command"] = command
     record["weights_file"] = path.name
-    meta = path.with_suffix(".json")
-    tmp = meta.with_name(f".{meta.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, meta)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return path
 
 

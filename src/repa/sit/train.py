@@ -339,13 +339,11 @@ def _open_outputs(run: _Run) -> None:
         else ("no REPA" if p.objectives else "no REPA (baseline)")
     )
     what += "".join(f" + {name} ({_describe(obj)})" for name, obj in p.objectives.items())
-    print(
-        f"repa train: {cfg.model} ({n_params / 1e6:.1f}M parameters), {what}; {info.kind} "
+    _log.info(
+        f"train: {cfg.model} ({n_params / 1e6:.1f}M parameters), {what}; {info.kind} "
         f"{info.input_channels}x{info.input_size}x{info.input_size} from {info.source} ({len(run.dataset)} items); "
         f"global batch {cfg.batch_size} on {run.dist_info.world_size} process(es) ({run.dist_info.device}); "
         f"steps {run.start_step}->{cfg.max_train_steps}; writing to {run_dir}",
-        file=sys.stderr,
-        flush=True,
     )
 
 
@@ -559,14 +557,12 @@ def _train(
         run.writer.close()
     if dist_info.is_main:
         if result.stopped_by is not None:
-            print(
-                f"repa train: stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
+            _log.info(
+                f"train: stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                 "continue with --resume latest",
-                file=sys.stderr,
-                flush=True,
             )
         else:
-            print(f"repa train: done at step {result.step}; outputs in {run.run_dir}", file=sys.stderr, flush=True)
+            _log.info(f"train: done at step {result.step}; outputs in {run.run_dir}")
     result.checkpoint = result.checkpoint or latest_checkpoint(run.run_dir)
     return result
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,6 +30,8 @@ from .ema import EMA
 from .run_control import _worker_init
 from .sampling import sample
 
+_log = logging.getLogger("repa")
+
 
 def _train_teacher_if_possible(name: str, path: Path) -> None:
     """The demo's teacher is missing: run ``repa teacher`` when that command exists, else explain."""
@@ -39,11 +41,9 @@ def _train_teacher_if_possible(name: str, path: Path) -> None:
             "(a few minutes on CPU), or pass --enc-weights FILE, or run the baseline with --no-repa"
         )
     teacher = importlib.import_module("repa.sit.teacher")
-    print(
-        f"repa train: the teacher encoder {name!r} has no weights at {path}; training it now with `repa teacher` "
+    _log.info(
+        f"train: the teacher encoder {name!r} has no weights at {path}; training it now with `repa teacher` "
         "(once, a few minutes on CPU)",
-        file=sys.stderr,
-        flush=True,
     )
     parser = argparse.ArgumentParser(prog="repa teacher")
     teacher.add_arguments(parser)
@@ -114,11 +114,9 @@ def _open_feature_cache(cfg: TrainConfig, dist_info: DistInfo) -> Tuple[Dataset,
     widths = {name: int(entries[name.lower()]["shape"][1]) for name in dataset.encoder_names}
     untrained = [n for n in dataset.encoder_names if entries[n.lower()].get("weights", {}).get("source") == "random"]
     if untrained and dist_info.is_main:
-        print(
-            f"repa train: warning: the feature cache {cfg.data} holds targets of randomly initialized encoder(s) "
+        _log.warning(
+            f"train: warning: the feature cache {cfg.data} holds targets of randomly initialized encoder(s) "
             f"{untrained} (built with --no-pretrained): a control experiment, not REPA with a trained teacher",
-            file=sys.stderr,
-            flush=True,
         )
     return dataset, info, widths
 
