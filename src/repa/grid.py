@@ -13,6 +13,7 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .errors import ConfigError, ShapeMismatchError
 
@@ -96,8 +97,8 @@ def infer_grid(num_tokens: int, *, what: str = "tokens") -> Grid:
 
 def flatten_feature_map(x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
     """(B, C, H, W) -> ((B, H*W, C), (H, W)): the one place conv features become tokens."""
-    b, c, h, w = x.shape
-    return x.flatten(2).transpose(1, 2), (h, w)  # (B, H*W, C)
+    h, w = x.shape[-2:]
+    return rearrange(x, "b c h w -> b (h w) c"), (h, w)  # (B, H*W, C)
 
 
 def resample_tokens(tokens: torch.Tensor, src: GridLike, dst: GridLike, mode: str = "auto") -> torch.Tensor:
@@ -129,13 +130,13 @@ def resample_tokens(tokens: torch.Tensor, src: GridLike, dst: GridLike, mode: st
         )
     if len(src) == 3:
         return _resample_3d(tokens, src, dst, mode)  # type: ignore[arg-type]
-    fmap = tokens.transpose(1, 2).reshape(b, c, *src)  # (B, C, h_s, w_s)
+    fmap = rearrange(tokens, "b (h w) c -> b c h w", h=src[0])  # (B, C, h_s, w_s)
     dtype = fmap.dtype
     if mode == "auto":
         mode = "area" if dst[0] <= src[0] and dst[1] <= src[1] else "bilinear"
     kwargs = {"align_corners": False, "antialias": True} if mode in ("bilinear", "bicubic") else {}
     out = F.interpolate(fmap.float(), size=dst, mode=mode, **kwargs)  # (B, C, h_d, w_d)
-    return out.flatten(2).transpose(1, 2).to(dtype)  # (B, h_d*w_d, C)
+    return rearrange(out, "b c h w -> b (h w) c").to(dtype)  # (B, h_d*w_d, C)
 
 
 def _resample_3d(tokens: torch.Tensor, src: Grid3D, dst: Grid3D, mode: str) -> torch.Tensor:

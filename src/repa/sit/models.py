@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError, UnknownNameError
@@ -370,12 +371,9 @@ class SiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, p*p*C) -> image (B, C, H, W); token n fills patch (n // w, n % w)."""
-        b = x.shape[0]
         h, w = self.grid
-        p, c = self.patch_size, self.out_channels
-        x = x.reshape(b, h, w, p, p, c)  # (B, h, w, p, p, C)
-        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
+        p = self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # (B, C, H, W)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
