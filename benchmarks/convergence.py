@@ -126,18 +126,25 @@ class ConvConfig:
         if self.teacher_weights and not os.path.isfile(self.teacher_weights):
             raise SystemExit(f"convergence: teacher weights {self.teacher_weights!r} is not a file")
 
-    def fingerprint(self) -> str:
-        """What a stored run must share with this config to be reused (everything but threads).
+    def fingerprint(self, arm: Optional[str] = None) -> str:
+        """What a stored run of ``arm`` must share with this config to be reused (everything but threads).
 
-        A teacher weights file counts by its content (sha256), not by its path.
+        A teacher weights file counts by its content (sha256), not by its path. The vanilla arm
+        does not read the REPA-only fields, nor the random teacher the teacher file, so they do
+        not count for those arms (a sweep's variants then share one vanilla run).
         """
         d = dataclasses.asdict(self)
         d.pop("threads")
         d.pop("seeds")
         d.pop("arms")
-        for name, default in NEW_FIELD_DEFAULTS.items():
-            if d[name] == default:
+        if arm == "vanilla":
+            for name in REPA_ONLY:
                 d.pop(name)
+        elif arm == "random-teacher":
+            d.pop("teacher_weights")
+        for name, default in NEW_FIELD_DEFAULTS.items():
+            if d.get(name, default) == default:
+                d.pop(name, None)
         if d.get("teacher_weights"):
             d["teacher_weights"] = _file_sha256(d["teacher_weights"])
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -149,6 +156,9 @@ class ConvConfig:
         return points
 
 
+#: fields only the REPA arms read
+REPA_ONLY = ("encoder_depth", "proj_coeff", "projector_dim", "stop_at", "random_teacher_seed", "teacher_weights",
+             "weight_schedule")
 #: fields added after runs were first stored: left out of the fingerprint at these defaults
 NEW_FIELD_DEFAULTS = {"unconditional": False, "teacher_weights": "", "weight_schedule": "constant"}
 SCHEDULES = ("constant", "linear-decay", "cosine-decay")
@@ -773,6 +783,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/convergence-<mode>)")
     p.add_argument("--evaluator-dir", default=None,
                    help="where the trained evaluator is kept and reused (default: benchmarks/results/evaluator)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where finished runs are stored and reused (default: OUT/runs; may be a sweep's runs folder)")
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
     for f in dataclasses.fields(ConvConfig):
         if f.name in ("arms", "model_kwargs"):
@@ -859,19 +871,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data, fd_fn, floor, eval_acc, teachers = prepare(cfg, data_dir=args.data, evaluator_dir=args.evaluator_dir,
                                                      progress=progress)
 
-    runs_dir = out / "runs"
-    runs_dir.mkdir(exist_ok=True)
-    fingerprint = cfg.fingerprint()
+    runs_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
     runs: List[Dict[str, Any]] = []
     for seed in range(cfg.seeds):
         for arm in cfg.arms:  # interleaved by seed, so machine drift lands on every arm
-            record = runs_dir / f"{arm}-seed{seed}.json"
+            fingerprint = cfg.fingerprint(arm)
+            record = runs_dir / f"{arm}-{fingerprint}-seed{seed}.json"  # the naming of convergence_sweep.py
             if record.is_file():
-                stored = json.loads(record.read_text())
-                if stored.get("fingerprint") == fingerprint:
-                    print(f"{arm} seed {seed}: reusing {record}")
-                    runs.append(stored)
-                    continue
+                print(f"{arm} seed {seed}: reusing {record}")
+                runs.append(json.loads(record.read_text()))
+                continue
             r = run_arm(arm, seed, cfg, data, teachers, fd_fn, progress=progress,
                         save_to=runs_dir / f"{arm}-seed{seed}.safetensors")
             r["fingerprint"] = fingerprint

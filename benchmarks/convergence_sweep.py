@@ -42,8 +42,7 @@ FORMAT = "repa-convergence-sweep/1"
 #: arm has the paper's weight 0.5 (and a 512-wide projector), from which each factor moves.
 SWEEP = dict(seeds=1, steps=600, eval_every=100, samples=1000, sample_steps=6, proj_coeff=0.5, projector_dim=512)
 #: Fields only REPA arms read; a variant's vanilla baseline resets them to the base config.
-REPA_ONLY = ("encoder_depth", "proj_coeff", "projector_dim", "stop_at", "random_teacher_seed", "teacher_weights",
-             "weight_schedule")
+REPA_ONLY = conv.REPA_ONLY
 #: The default grid: the base REPA arm, then one factor at a time.
 DEFAULT_VARIANTS = (
     "base:",
@@ -187,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
     def run(arm: str, cfg: conv.ConvConfig, seed: int) -> Dict[str, Any]:
-        fp = cfg.fingerprint()
+        fp = cfg.fingerprint(arm)
         record = runs_dir / f"{arm}-{fp}-seed{seed}.json"
         if record.is_file():
             print(f"{arm} ({fp}) seed {seed}: reusing {record}")

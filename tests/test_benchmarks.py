@@ -343,6 +343,32 @@ def test_convergence_tiny_runs_every_arm_and_resumes(tmp_path):
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in result["runs"]]
 
 
+def test_convergence_fingerprints_count_what_each_arm_reads(conv_module, tmp_path):
+    C = conv_module.ConvConfig
+    base = C()
+    # vanilla reads none of the REPA-only fields; REPA arms read all of them
+    assert C(proj_coeff=0.5, projector_dim=512).fingerprint("vanilla") == base.fingerprint("vanilla")
+    assert C(proj_coeff=0.5).fingerprint("repa") != base.fingerprint("repa")
+    assert C(learning_rate=5e-4).fingerprint("vanilla") != base.fingerprint("vanilla")
+    assert C(unconditional=True).fingerprint("vanilla") != base.fingerprint("vanilla")
+    # a teacher file counts by its content, not its path; the random teacher ignores it
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    a.write_bytes(b"same"), b.write_bytes(b"same"), c.write_bytes(b"other")
+    assert C(teacher_weights=str(a)).fingerprint("repa") == C(teacher_weights=str(b)).fingerprint("repa")
+    assert C(teacher_weights=str(a)).fingerprint("repa") != C(teacher_weights=str(c)).fingerprint("repa")
+    assert C(teacher_weights=str(c)).fingerprint("random-teacher") == base.fingerprint("random-teacher")
+    # the fields added later leave the fingerprint of a config at their defaults as it was
+    d = {k: v for k, v in __import__("dataclasses").asdict(base).items() if k not in ("threads", "seeds", "arms")}
+    for k in conv_module.NEW_FIELD_DEFAULTS:
+        d.pop(k)
+    import hashlib
+    import json as _json
+
+    assert base.fingerprint() == hashlib.sha256(_json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    with pytest.raises(SystemExit, match="weight_schedule"):
+        C(weight_schedule="exp")
+
+
 def test_convergence_rejects_bad_options(tmp_path):
     for bad, message in ((["--arms", "vanilla,nope"], "unknown arm"), (["--samples", "15"], "multiple of 10")):
         proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--tiny", *bad, "--out", str(tmp_path)],
