@@ -143,7 +143,7 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def _write_sample_grid(
     ema_model: nn.Module, cfg: TrainConfig, info: DataInfo, vae: Any, device: torch.device, path: Path
 ) -> None:
-    """A PNG grid of EMA samples with fixed noise and balanced labels (one row per class when <= 16)."""
+    """A PNG grid of EMA samples with fixed noise and balanced labels (one class per column when <= 16 classes)."""
     from .images import make_grid, save_png, to_uint8
 
     n = cfg.sample_count
