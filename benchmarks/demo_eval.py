@@ -54,6 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--evaluator-dir", default=None, help="where the evaluator is kept (default: benchmarks/results/evaluator)")
     p.add_argument("--json", default=None, help="also write the scores here")
+    p.add_argument("--tiny", action="store_true",
+                   help="the smoke-test evaluator (convergence.py --tiny's: 256 training images); numbers mean nothing")
     args = p.parse_args(argv)
     if args.samples < 10 or args.samples % 10:
         raise SystemExit(f"demo_eval.py: --samples {args.samples} must be a positive multiple of 10")
@@ -67,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_sampling_model(ckpt, args.model_weights)
     if (model.in_channels, model.input_size) != (1, 28):
         raise SystemExit(f"demo_eval.py: {path} is not a 28x28 one-channel (Fashion-MNIST pixel) model")
-    cfg = conv.ConvConfig(samples=args.samples)
+    tiny = {k: conv.TINY[k] for k in ("evaluator_epochs", "train_limit", "test_limit")} if args.tiny else {}
+    cfg = conv.ConvConfig(samples=args.samples, **tiny)
     _, scorer, _, eval_acc, _ = conv.prepare(dataclass_replace_no_teacher(cfg), data_dir=args.data,
                                              evaluator_dir=args.evaluator_dir, progress=False)
     scores = scorer.score(draw(model, settings, args.samples), torch.arange(args.samples) % 10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -436,3 +437,58 @@ def test_sweep_tiny_runs_and_reuses_the_shared_vanilla(tmp_path):
     second = _run("convergence_sweep.py", args, tmp_path)
     assert second.stdout.count("reusing") == 6 + 1  # + the evaluator
     assert json.loads((out / "result.json").read_text())["variants"][0]["curves"] == result["variants"][0]["curves"]
+
+
+# --------------------------------------------------------------------------------------------
+# the study of what makes the gain last: new convergence options, the teacher ladder, demo_eval
+# --------------------------------------------------------------------------------------------
+
+
+def test_convergence_unconditional_and_decay_run_and_record_the_readouts(tmp_path):
+    out = tmp_path / "conv"
+    args = ["--tiny", "--seeds", "1", "--arms", "vanilla,repa", "--unconditional", "--weight-schedule", "cosine-decay",
+            "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress"]
+    _run("convergence.py", args, tmp_path)
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["unconditional"] is True and result["config"]["weight_schedule"] == "cosine-decay"
+    for r in result["runs"]:
+        for point in r["curve"]:
+            assert point["class_consistency"] is None  # unconditional samples have no label to check
+            assert 0 <= point["precision"] <= 1 and 0 <= point["recall"] <= 1
+    floor = result["evaluation"]["floor_scores"]
+    assert 0 <= floor["class_consistency"] <= 1 and floor["fd"] == result["evaluation"]["floor_fd"]
+    assert 0 <= result["teachers"]["trained"]["linear_probe_accuracy"] <= 1
+
+
+@pytest.mark.slow  # trains two tiny teachers and five tiny runs
+def test_teacher_ladder_tiny_trains_its_teachers_and_reports_each_rung(tmp_path):
+    out, teachers = tmp_path / "ladder", tmp_path / "teachers"
+    args = ["--tiny", "--out", str(out), "--teachers-dir", str(teachers), "--evaluator-dir", str(tmp_path / "ev"),
+            "--no-progress"]
+    first = _run("teacher_ladder.py", args, tmp_path)
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert [r["teacher"] for r in ladder["rows"]] == ["random", "ssl-1ep", "shipped", "supervised-2ep"]
+    for r in ladder["rows"]:
+        assert 0 <= r["knn_accuracy"] <= 1 and 0 <= r["linear_probe_accuracy"] <= 1
+    assert ladder["teacher_records"]["supervised-2ep"]["objective"] == "supervised"
+    assert sorted(p.name for p in teachers.glob("*.safetensors")) == [
+        "fmnist-vit-ssl-1ep.safetensors", "fmnist-vit-supervised-2ep.safetensors"]
+    assert "| teacher | kNN | linear probe |" in first.stdout
+    with open(out / "gain_vs_teacher.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    second = _run("teacher_ladder.py", args, tmp_path)  # every run and teacher is reused
+    assert "training teacher" not in second.stdout and second.stdout.count("reusing") >= 5
+
+
+def test_demo_eval_scores_a_repa_train_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "repa.cli", "train", "--max-train-steps", "1", "--checkpointing-steps", "1",
+                    "--sample-every", "100", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
+                    "--out", str(tmp_path / "runs"), "--no-progress"], check=True, capture_output=True, env=env, timeout=300)
+    run = next((tmp_path / "runs").iterdir())
+    proc = _run("demo_eval.py", [str(run), "--tiny", "--samples", "20", "--evaluator-dir", str(tmp_path / "ev"), "--json",
+                                 str(tmp_path / "scores.json")], tmp_path)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["step"] == 1 and scores["sampler"]["sample_mode"] == "ode"
+    assert math.isfinite(scores["scores"]["fd"]) and 0 <= scores["scores"]["class_consistency"] <= 1
+    assert "class consistency" in proc.stdout
