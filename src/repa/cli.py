@@ -118,6 +118,23 @@ def run_command(run: Callable[[], int], debug: bool = False) -> int:
         return 130
 
 
+def finish_process(code: int) -> int:
+    """The exit status to return; under a multi-process ``torchrun`` the process ends here instead.
+
+    After a finished distributed run (process group destroyed, files closed), the gloo
+    backend's threads can abort interpreter finalization ("terminate called without an active
+    exception", SIGABRT), which torchrun reports as a failed run. Under torchrun with more
+    than one process, logging and the standard streams are flushed and the process exits with
+    ``code`` directly, skipping that finalization. Elsewhere ``code`` is returned unchanged.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``repa`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -143,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"repa {name}", description=commands[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)  # bad flags: argparse's usage and error, exit 2
-    return run_command(lambda: module.main(args), debug)
+    return finish_process(run_command(lambda: module.main(args), debug))
 
 
 if __name__ == "__main__":  # pragma: no cover

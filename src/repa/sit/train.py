@@ -570,7 +570,7 @@ def _train(
 if __name__ == "__main__":  # python -m repa.sit.train [flags]  (also under torchrun)
     _parser = argparse.ArgumentParser(prog="python -m repa.sit.train", description=__doc__.splitlines()[0])
     add_arguments(_parser)
-    from ..cli import run_command
+    from ..cli import finish_process, run_command
 
     _args = _parser.parse_args()
-    sys.exit(run_command(lambda: main(_args)))
+    sys.exit(finish_process(run_command(lambda: main(_args))))
