@@ -785,6 +785,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="where the trained evaluator is kept and reused (default: benchmarks/results/evaluator)")
     p.add_argument("--runs-dir", default=None,
                    help="where finished runs are stored and reused (default: OUT/runs; may be a sweep's runs folder)")
+    p.add_argument("--only-seeds", default=None,
+                   help="comma-separated seeds of 0..SEEDS-1 to run now (e.g. one process per seed into a shared "
+                        "--runs-dir; a last run without it reuses them all and writes the result)")
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
     for f in dataclasses.fields(ConvConfig):
         if f.name in ("arms", "model_kwargs"):
@@ -874,7 +877,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs: List[Dict[str, Any]] = []
-    for seed in range(cfg.seeds):
+    seeds = range(cfg.seeds)
+    if args.only_seeds:
+        seeds = [int(s) for s in args.only_seeds.split(",")]
+        if any(not 0 <= s < cfg.seeds for s in seeds):
+            raise SystemExit(f"convergence.py: --only-seeds {args.only_seeds} must lie in 0..{cfg.seeds - 1}")
+    for seed in seeds:
         for arm in cfg.arms:  # interleaved by seed, so machine drift lands on every arm
             fingerprint = cfg.fingerprint(arm)
             record = runs_dir / f"{arm}-{fingerprint}-seed{seed}.json"  # the naming of convergence_sweep.py

@@ -81,10 +81,14 @@ def variants(folder: Path) -> List[str]:
     return out
 
 
-def teacher_quality(name: str, folder: Path, cfg: conv.ConvConfig, data: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """kNN and linear-probe accuracy of one rung's teacher (the same measurement convergence.py prints)."""
+def teacher_quality(name: str, folder: Path, cfg: conv.ConvConfig, data: Dict[str, torch.Tensor],
+                    known: Dict[str, Any]) -> Dict[str, Any]:
+    """kNN and linear-probe accuracy of one rung's teacher (the same measurement convergence.py prints).
+
+    ``known``: the sweep's teacher records; a teacher it measured is not measured again.
+    """
     key = {"random": "random", "shipped": "trained"}.get(name, f"file:{teacher_file(name, folder)}")
-    t = conv._build_teacher(key, cfg, data, log=lambda *a: None)
+    t = known.get(key) or conv._build_teacher(key, cfg, data, log=lambda *a: None)
     return {"knn_accuracy": t["knn_accuracy"], "linear_probe_accuracy": t["linear_probe_accuracy"], "weights": t["weights"]}
 
 
@@ -180,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = conv.load_fashion_mnist(args.data, base)
     rows = []
     for name, v in zip(LADDER, result["variants"]):
-        rows.append({"teacher": name, "steps": base.steps, **teacher_quality(name, folder, base, data),
+        rows.append({"teacher": name, "steps": base.steps, **teacher_quality(name, folder, base, data, result["teachers"]),
                      **{k: v.get(k) for k in ("fd_final", "vanilla_fd_final", "steps_to_vanilla_final", "speedup_steps",
                                               "speedup_steps_per_seed", "speedup_wallclock", "final_class_consistency",
                                               "vanilla_final_class_consistency", "final_precision", "final_recall",
