@@ -114,6 +114,7 @@ def plot(rows: List[Dict[str, Any]], pixel_knn: float, path: Path) -> Optional[P
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
+    rows = sorted(rows, key=lambda r: r["knn_accuracy"])  # lines run from the weakest teacher to the best
     fig = Figure(figsize=(9.0, 3.8), dpi=120)
     FigureCanvasAgg(fig)
     for i, (key, label) in enumerate((("speedup_steps", "speedup to vanilla's final FD (steps)"),
