@@ -14,6 +14,7 @@ precision and recall (k = 3). The real-vs-real row (training images) is printed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -71,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"demo_eval.py: {path} is not a 28x28 one-channel (Fashion-MNIST pixel) model")
     tiny = {k: conv.TINY[k] for k in ("evaluator_epochs", "train_limit", "test_limit")} if args.tiny else {}
     cfg = conv.ConvConfig(samples=args.samples, **tiny)
-    _, scorer, _, eval_acc, _ = conv.prepare(dataclass_replace_no_teacher(cfg), data_dir=args.data,
+    # arms=("vanilla",): no teacher targets are built, only the evaluator and its scorer
+    _, scorer, _, eval_acc, _ = conv.prepare(dataclasses.replace(cfg, arms=("vanilla",)), data_dir=args.data,
                                              evaluator_dir=args.evaluator_dir, progress=False)
     scores = scorer.score(draw(model, settings, args.samples), torch.arange(args.samples) % 10)
     result = {"command": shlex.join(["python", "benchmarks/demo_eval.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -87,13 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         write_json(result, args.json)
     return 0
-
-
-def dataclass_replace_no_teacher(cfg: conv.ConvConfig) -> conv.ConvConfig:
-    """The benchmark's config with no teacher arm, so ``prepare`` builds no teacher targets."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, arms=("vanilla",))
 
 
 if __name__ == "__main__":
