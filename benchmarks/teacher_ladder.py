@@ -1,6 +1,8 @@
 """Does a better teacher give a larger, longer-lasting REPA gain? The teacher-quality ladder.
 
-    python benchmarks/teacher_ladder.py --threads 1          # 1 seed, 1,500 steps per run (~1 h on 2 cores)
+    python benchmarks/teacher_ladder.py --threads 1          # 1 seed, 1,500 steps per run (~2 h on 2 cores)
+    python benchmarks/teacher_ladder.py --threads 1 --rungs ssl-12ep supervised-ft   # add rungs to a ladder
+    python benchmarks/teacher_ladder.py --threads 1 --unconditional --out benchmarks/results/teacher-ladder-unconditional
     python benchmarks/teacher_ladder.py --tiny               # seconds: the test suite's smoke run
 
 The REPA arm of ``convergence.py`` (weight 4, 128-wide projector, block 2 of ``SiT-T/4``) is
@@ -10,8 +12,12 @@ fixed (the protocol, seed, data order, noise, evaluator and sampler of ``converg
 - ``random``: a randomly initialized ``fmnist-vit`` (the control: any extra target);
 - ``ssl-1ep``: ``repa teacher --objective simclr-nn --epochs 1`` (a short self-supervised run);
 - ``shipped``: the registry's ``fmnist-vit`` (``simclr-nn``, 8 epochs; kNN 0.859);
-- ``supervised-2ep``: ``repa teacher --objective supervised --epochs 2`` (trained on the labels:
-  an upper bound for "semantic" features, not a self-supervised teacher).
+- ``ssl-12ep``: the shipped teacher trained 4 epochs more with the same objective (``--init``,
+  peak learning rate 1e-3): a longer self-supervised run;
+- ``supervised-2ep``: ``repa teacher --objective supervised --epochs 2`` (trained on the labels
+  from random weights);
+- ``supervised-ft``: the shipped teacher fine-tuned on the labels for 2 epochs (``--init``,
+  peak learning rate 1e-3): the "semantic" upper bound, features that know the classes.
 
 Missing teacher files are trained first (into ``--teachers-dir``, with their record beside
 them). Each teacher's quality is measured on the same data: kNN accuracy (k = 20, cosine,
@@ -20,6 +26,11 @@ same features. Reported: a table of teacher quality beside the gain it gives (fi
 steps REPA needs to reach vanilla's final FD, the speedup, class consistency), the sweep's
 ``result.json``, ``ladder.json`` and a plot of the gain against teacher quality. Runs are stored
 under ``--out``/runs and reused, as in ``convergence_sweep.py``.
+
+``--rungs`` runs some rungs only. The rows of the other rungs are kept from the folder's earlier
+``ladder.json`` only where its vanilla curve is the one just computed (every FD equal to 1e-9
+relative: the same evaluator, data, seed and baseline); otherwise they are dropped, with a
+message, and must be run again.
 """
 
 from __future__ import annotations
@@ -41,9 +52,17 @@ import convergence_sweep as sweep  # noqa: E402
 from _common import write_json  # noqa: E402
 
 FORMAT = "repa-teacher-ladder/1"
-#: name -> (objective, epochs) of the teachers trained here; "shipped" and "random" need no training
-TRAINED = {"ssl-1ep": ("simclr-nn", 1.0), "supervised-2ep": ("supervised", 2.0)}
-LADDER = ("random", "ssl-1ep", "shipped", "supervised-2ep")
+#: The shipped teacher's weights, the starting point of the teachers trained with ``init``.
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "repa" / "encoders" / "assets" / "fmnist-vit.safetensors"
+#: name -> settings of the teachers trained here (``repa teacher`` options); "shipped" and
+#: "random" need no training; ``init="shipped"`` starts from the shipped weights.
+TRAINED: Dict[str, Dict[str, Any]] = {
+    "ssl-1ep": dict(objective="simclr-nn", epochs=1.0),
+    "ssl-12ep": dict(objective="simclr-nn", epochs=4.0, lr=1e-3, init="shipped"),
+    "supervised-2ep": dict(objective="supervised", epochs=2.0),
+    "supervised-ft": dict(objective="supervised", epochs=2.0, lr=1e-3, init="shipped"),
+}
+LADDER = ("random", "ssl-1ep", "shipped", "ssl-12ep", "supervised-2ep", "supervised-ft")
 #: the REPA setting every rung uses (convergence.py's defaults; the sweep's base differs)
 REPA = "proj_coeff=4.0,projector_dim=128"
 
@@ -52,33 +71,67 @@ def teacher_file(name: str, folder: Path) -> Path:
     return folder / f"fmnist-vit-{name}.safetensors"
 
 
-def ensure_teachers(folder: Path, data: Optional[str], tiny: bool, progress: bool) -> None:
-    """Train the ladder's missing teachers (``repa teacher`` settings; tiny: a few steps on 256 images)."""
+def ensure_teachers(folder: Path, names: Sequence[str], data: Optional[str], tiny: bool, progress: bool) -> None:
+    """Train the missing teachers among ``names`` (``repa teacher`` settings; tiny: a few steps on 256 images)."""
     from repa.sit.teacher import save_teacher, train_teacher
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (objective, epochs) in TRAINED.items():
-        path = teacher_file(name, folder)
-        if path.is_file():
+    for name in names:
+        if name not in TRAINED or teacher_file(name, folder).is_file():
             continue
-        print(f"training teacher {name}: objective {objective}, {epochs} epoch(s)", flush=True)
+        path, settings = teacher_file(name, folder), dict(TRAINED[name])
+        if settings.get("init") == "shipped":
+            settings["init"] = str(SHIPPED)
+        print(f"training teacher {name}: " + ", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
         extra: Dict[str, Any] = dict(max_steps=3, train_limit=256, eval_limit=200, batch_size=64) if tiny else {}
-        result = train_teacher(data, objective=objective, epochs=epochs, seed=0, progress=progress, **extra)
-        command = shlex.join(["repa", "teacher", "--objective", objective, "--epochs", str(epochs), "--seed", "0",
-                              "--out", str(path)])
-        save_teacher(result, path, command=command)
+        result = train_teacher(data, seed=0, progress=progress, **settings, **extra)
+        words = ["repa", "teacher"]
+        for key, value in settings.items():
+            words += ["--" + key.replace("_", "-"), str(value)]
+        save_teacher(result, path, command=shlex.join([*words, "--seed", "0", "--out", str(path)]))
 
 
-def variants(folder: Path) -> List[str]:
+def variants(folder: Path, names: Sequence[str], unconditional: bool = False) -> List[str]:
+    """The sweep's variant strings of the rungs ``names`` (``unconditional=true`` added when asked)."""
     out = []
-    for name in LADDER:
+    setting = REPA + (",unconditional=true" if unconditional else "")
+    for name in names:
         if name == "random":
-            out.append(f"random:arm=random-teacher,{REPA}")
+            out.append(f"random:arm=random-teacher,{setting}")
         elif name == "shipped":
-            out.append(f"shipped:{REPA}")
+            out.append(f"shipped:{setting}")
         else:
-            out.append(f"{name}:teacher_weights={teacher_file(name, folder)},{REPA}")
+            out.append(f"{name}:teacher_weights={teacher_file(name, folder)},{setting}")
     return out
+
+
+def same_curves(a: List[List[Dict[str, Any]]], b: List[List[Dict[str, Any]]], rtol: float = 1e-9) -> bool:
+    """Whether two lists of per-seed FD curves hold the same steps and FDs (to ``rtol``)."""
+    if len(a) != len(b):
+        return False
+    for ca, cb in zip(a, b):
+        if [p["step"] for p in ca] != [p["step"] for p in cb]:
+            return False
+        if any(abs(p["fd"] - q["fd"]) > rtol * max(abs(p["fd"]), abs(q["fd"])) for p, q in zip(ca, cb)):
+            return False
+    return True
+
+
+def kept_rows(previous: Optional[Dict[str, Any]], ran: Sequence[str], vanilla_curves: List[List[Dict[str, Any]]]
+              ) -> List[Dict[str, Any]]:
+    """Rows of an earlier ``ladder.json`` for rungs not run now, kept only over the same vanilla curves."""
+    if previous is None:
+        return []
+    kept = []
+    for row in previous.get("rows", []):
+        if row["teacher"] in ran or row["teacher"] not in LADDER:
+            continue
+        if same_curves(row.get("vanilla_curves") or [], vanilla_curves):
+            kept.append(row)
+        else:
+            print(f"dropping the earlier row of {row['teacher']!r}: its vanilla curve is not the one just computed "
+                  f"(run it again with --rungs {row['teacher']})", flush=True)
+    return kept
 
 
 def teacher_quality(name: str, folder: Path, cfg: conv.ConvConfig, data: Dict[str, torch.Tensor],
@@ -106,7 +159,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[Dict[str, Any]], pixel_knn: float, path: Path) -> Optional[Path]:
+def plot(rows: List[Dict[str, Any]], pixel_knn: float, path: Path, unconditional: bool = False) -> Optional[Path]:
     """Speedup in steps (left) and final FD (right) against the teacher's kNN accuracy."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -134,7 +187,9 @@ def plot(rows: List[Dict[str, Any]], pixel_knn: float, path: Path) -> Optional[P
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"REPA gain against teacher quality ({rows[0]['steps']} steps, SiT-T/4, Fashion-MNIST)", fontsize=10)
+    setting = ", unconditional" if unconditional else ""
+    fig.suptitle(f"REPA gain against teacher quality ({rows[0]['steps']} steps, SiT-T/4, Fashion-MNIST{setting})",
+                 fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.savefig(str(tmp), format="png")
@@ -148,6 +203,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--rungs", nargs="+", choices=LADDER, default=list(LADDER),
+                   help="the rungs to run (default: all); the others' rows are kept from the earlier ladder.json")
+    p.add_argument("--unconditional", action="store_true",
+                   help="train and sample without labels (convergence.py --unconditional) on every rung")
     p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/teacher-ladder)")
     p.add_argument("--teachers-dir", default=None, help="where the ladder's teachers are kept (default: benchmarks/results/teachers)")
@@ -175,33 +234,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"teacher ladder: {command}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ensure_teachers(folder, args.data, args.tiny, not args.no_progress)
-    names = variants(folder)
-    code = sweep.main([*forward, "--out", str(out), *names])
+    rungs = [n for n in LADDER if n in args.rungs]
+    ensure_teachers(folder, rungs, args.data, args.tiny, not args.no_progress)
+    previous_file = out / "ladder.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.is_file() else None
+    code = sweep.main([*forward, "--out", str(out), *variants(folder, rungs, args.unconditional)])
     if code:
         return code
     result = json.loads((out / "result.json").read_text())
     base = conv.ConvConfig(**{**result["base_config"], "arms": tuple(result["base_config"]["arms"])})
     data = conv.load_fashion_mnist(args.data, base)
     rows = []
-    for name, v in zip(LADDER, result["variants"]):
+    for name, v in zip(rungs, result["variants"]):
         rows.append({"teacher": name, "steps": base.steps, **teacher_quality(name, folder, base, data, result["teachers"]),
                      **{k: v.get(k) for k in ("fd_final", "vanilla_fd_final", "steps_to_vanilla_final", "speedup_steps",
                                               "speedup_steps_per_seed", "speedup_wallclock", "final_class_consistency",
                                               "vanilla_final_class_consistency", "final_precision", "final_recall",
                                               "curves", "vanilla_curves")}})
+    kept = kept_rows(previous, rungs, rows[0]["vanilla_curves"])
+    rows = sorted(rows + kept, key=lambda r: LADDER.index(r["teacher"]))
     pixels = result["teachers"].get("pixel_knn_accuracy")
     if pixels is None:
         from repa.sit.teacher import knn_accuracy
 
         pixels = knn_accuracy(data["train_images"].flatten(1).float(), data["train_labels"],
                               data["test_images"].flatten(1).float(), data["test_labels"], min(20, data["train_images"].shape[0]))
-    ladder = {"format": FORMAT, "command": command, "pixel_knn_accuracy": pixels, "rows": rows,
-              "teacher_records": {n: json.loads(teacher_file(n, folder).with_suffix(".json").read_text())
-                                  for n in TRAINED if teacher_file(n, folder).with_suffix(".json").is_file()},
+    ladder = {"format": FORMAT, "command": command, "unconditional": args.unconditional, "pixel_knn_accuracy": pixels,
+              "evaluation": result["evaluation"], "rows": rows, "kept_from_earlier": [r["teacher"] for r in kept],
+              "teacher_records": {**(previous or {}).get("teacher_records", {}),
+                                  **{n: json.loads(teacher_file(n, folder).with_suffix(".json").read_text())
+                                     for n in TRAINED if teacher_file(n, folder).with_suffix(".json").is_file()}},
               "total_seconds": time.perf_counter() - t_start}
     write_json(ladder, str(out / "ladder.json"))
-    png = plot(rows, pixels, out / "gain_vs_teacher.png")
+    png = plot(rows, pixels, out / "gain_vs_teacher.png", args.unconditional)
     print()
     print(format_table(rows))
     print(f"\nraw pixels' kNN accuracy {pixels:.3f}; wrote {out / 'ladder.json'}" + (f" and {png}" if png else ""))

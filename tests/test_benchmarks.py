@@ -463,21 +463,47 @@ def test_convergence_unconditional_and_decay_run_and_record_the_readouts(tmp_pat
 @pytest.mark.slow  # trains two tiny teachers and five tiny runs
 def test_teacher_ladder_tiny_trains_its_teachers_and_reports_each_rung(tmp_path):
     out, teachers = tmp_path / "ladder", tmp_path / "teachers"
-    args = ["--tiny", "--out", str(out), "--teachers-dir", str(teachers), "--evaluator-dir", str(tmp_path / "ev"),
-            "--no-progress"]
-    first = _run("teacher_ladder.py", args, tmp_path)
+    common = ["--tiny", "--out", str(out), "--teachers-dir", str(teachers), "--evaluator-dir", str(tmp_path / "ev"),
+              "--no-progress"]
+    first = _run("teacher_ladder.py", [*common, "--rungs", "random", "shipped", "supervised-ft"], tmp_path)
     ladder = json.loads((out / "ladder.json").read_text())
-    assert [r["teacher"] for r in ladder["rows"]] == ["random", "ssl-1ep", "shipped", "supervised-2ep"]
+    assert [r["teacher"] for r in ladder["rows"]] == ["random", "shipped", "supervised-ft"]
     for r in ladder["rows"]:
         assert 0 <= r["knn_accuracy"] <= 1 and 0 <= r["linear_probe_accuracy"] <= 1
-    assert ladder["teacher_records"]["supervised-2ep"]["objective"] == "supervised"
-    assert sorted(p.name for p in teachers.glob("*.safetensors")) == [
-        "fmnist-vit-ssl-1ep.safetensors", "fmnist-vit-supervised-2ep.safetensors"]
+    record = ladder["teacher_records"]["supervised-ft"]
+    assert record["objective"] == "supervised" and record["init"]["file"] == "fmnist-vit.safetensors"
+    assert record["init"]["objective"] == "simclr-nn"  # fine-tuned from the shipped self-supervised teacher
+    assert sorted(p.name for p in teachers.glob("*.safetensors")) == ["fmnist-vit-supervised-ft.safetensors"]
     assert "| teacher | kNN | linear probe |" in first.stdout
     with open(out / "gain_vs_teacher.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    second = _run("teacher_ladder.py", args, tmp_path)  # every run and teacher is reused
-    assert "training teacher" not in second.stdout and second.stdout.count("reusing") >= 5
+    # one more rung: the three earlier rows are kept (same vanilla curve), in the ladder's order
+    second = _run("teacher_ladder.py", [*common, "--rungs", "ssl-1ep"], tmp_path)
+    assert "training teacher ssl-1ep" in second.stdout and "reusing" in second.stdout  # the vanilla run
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert [r["teacher"] for r in ladder["rows"]] == ["random", "ssl-1ep", "shipped", "supervised-ft"]
+    assert ladder["kept_from_earlier"] == ["random", "shipped", "supervised-ft"]
+    assert set(ladder["teacher_records"]) == {"ssl-1ep", "supervised-ft"}
+    third = _run("teacher_ladder.py", [*common, "--rungs", "ssl-1ep"], tmp_path)  # every run and teacher reused
+    assert "training teacher" not in third.stdout and third.stdout.count("reusing") >= 2
+
+
+def test_teacher_ladder_keeps_earlier_rows_only_over_the_same_vanilla_curve(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import teacher_ladder as tl
+
+    vanilla = [[{"step": 300, "fd": 188.25}, {"step": 600, "fd": 91.5}]]
+    moved = [[{"step": 300, "fd": 188.25}, {"step": 600, "fd": 91.5 * (1 + 1e-6)}]]
+    previous = {"rows": [{"teacher": "random", "vanilla_curves": vanilla},
+                         {"teacher": "shipped", "vanilla_curves": moved},
+                         {"teacher": "ssl-1ep", "vanilla_curves": vanilla},
+                         {"teacher": "someone-else", "vanilla_curves": vanilla}]}
+    kept = tl.kept_rows(previous, ["ssl-1ep"], vanilla)  # ssl-1ep was run again; an unknown rung is not kept
+    assert [r["teacher"] for r in kept] == ["random"]
+    assert "dropping the earlier row of 'shipped'" in capsys.readouterr().out
+    assert tl.kept_rows(None, [], vanilla) == []
+    assert not tl.same_curves(vanilla, vanilla + vanilla)  # a different number of seeds
+    assert not tl.same_curves(vanilla, [[{"step": 300, "fd": 188.25}, {"step": 900, "fd": 91.5}]])
 
 
 def test_demo_eval_scores_a_repa_train_run(tmp_path):

@@ -202,6 +202,46 @@ def test_command_writes_weights_and_record(fake_fmnist, tmp_path, capsys):
     create_encoder("fmnist-vit", weights=out)  # the full-size architecture loads it
 
 
+def test_init_starts_from_a_saved_teacher_and_records_it(fake_fmnist, tmp_path):
+    import hashlib
+
+    from repa.encoders import save_encoder_weights
+
+    start = create_encoder("fmnist-vit", pretrained=False, resolution=28, **TINY)
+    with torch.no_grad():  # weights exactly representable in float16, far from a fresh init
+        for i, p in enumerate(start.model.parameters()):
+            p.copy_(torch.full_like(p, 0.125 * (i % 7 + 1)))
+    init = save_encoder_weights(start.model, tmp_path / "start.safetensors")
+    # lr 0: AdamW's step (and its decoupled weight decay, scaled by lr) leaves the weights as loaded
+    enc, _, record = teacher.train_teacher(fake_fmnist, objective="supervised", max_steps=1, batch_size=16, lr=0.0,
+                                           progress=False, encoder_kwargs=TINY, init=init)
+    for (name, a), b in zip(enc.model.named_parameters(), start.model.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert record["init"] == {"file": "start.safetensors", "sha256": hashlib.sha256(init.read_bytes()).hexdigest()}
+
+    # without init the same run starts elsewhere
+    fresh, _, record = teacher.train_teacher(fake_fmnist, objective="supervised", max_steps=1, batch_size=16, lr=0.0,
+                                             progress=False, encoder_kwargs=TINY)
+    assert "init" not in record
+    assert not torch.equal(next(fresh.model.parameters()), next(start.model.parameters()))
+
+    with pytest.raises(DataNotFoundError, match=r"init weights .*nowhere.safetensors.* not found"):
+        teacher.train_teacher(fake_fmnist, max_steps=1, init=tmp_path / "nowhere.safetensors")
+
+
+def test_command_init_is_in_the_record_and_its_command(fake_fmnist, tmp_path, capsys):
+    from repa import cli
+
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    base = ["teacher", "--data", str(fake_fmnist), "--epochs", "1", "--no-progress"]
+    assert cli.main([*base, "--out", str(first)]) == 0
+    assert cli.main([*base, "--objective", "supervised", "--init", str(first), "--out", str(second)]) == 0
+    meta = json.loads(second.with_suffix(".json").read_text())
+    assert meta["init"]["file"] == "a.safetensors" and meta["init"]["objective"] == "simclr-nn"
+    assert meta["init"]["knn_accuracy"] == json.loads(first.with_suffix(".json").read_text())["knn_accuracy"]
+    assert f"--init {first}" in meta["command"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the demo's entry point and the shipped weights
 # ---------------------------------------------------------------------------------------------

@@ -387,6 +387,27 @@ def _check_budget(objective: str, epochs: Optional[float], minutes: Optional[flo
     return minutes
 
 
+def _init_record(init: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+    """Check a warm-start weights file and describe it for the record (name, SHA-256, its own record)."""
+    if init is None:
+        return None
+    import hashlib
+
+    path = Path(init).expanduser()
+    if not path.is_file():
+        raise DataNotFoundError(f"init weights {str(path)!r} not found; pass a .safetensors file saved by 'repa teacher'")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out: Dict[str, Any] = {"file": path.name, "sha256": digest}
+    own = path.with_suffix(".json")
+    if own.is_file():
+        try:
+            prior = json.loads(own.read_text())
+            out.update({k: prior[k] for k in ("objective", "epochs", "knn_accuracy") if k in prior})
+        except (OSError, ValueError):
+            pass
+    return out
+
+
 def _round_weights(encoder: nn.Module, weights_dtype: Optional[torch.dtype]) -> None:
     """Freeze the encoder and round its weights to the stored dtype (the accuracy reported is the file's)."""
     encoder.model.requires_grad_(False).eval()
@@ -493,6 +514,7 @@ def train_teacher(
     weights_dtype: Optional[torch.dtype] = torch.float16,
     progress: bool = True,
     encoder_kwargs: Optional[Dict[str, Any]] = None,
+    init: Optional[PathLike] = None,
 ) -> TeacherResult:
     """Train ``fmnist-vit`` on Fashion-MNIST and measure its kNN accuracy.
 
@@ -509,6 +531,10 @@ def train_teacher(
         weights_dtype: the dtype the weights will be stored in; the trained weights are
             rounded to it before evaluation, so the reported accuracy is that of the file.
         encoder_kwargs: extra keywords for ``create_encoder("fmnist-vit", ...)`` (e.g. ``depth=1``).
+        init: a weights file (``.safetensors``) to start from instead of random weights: training
+            continues a saved teacher (a longer run, or supervised fine-tuning of a
+            self-supervised one) with fresh heads, optimizer and learning-rate schedule. The
+            record keeps the file's name and SHA-256.
 
     Returns:
         :class:`TeacherResult` ``(encoder, knn_accuracy, record)``.
@@ -524,8 +550,10 @@ def train_teacher(
     batch_size = min(batch_size, n)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    encoder = create_encoder(ENCODER_NAME, pretrained=False, resolution=images.shape[-1], **(encoder_kwargs or {}))
-    encoder.model.requires_grad_(True).train()
+    init_record = _init_record(init)
+    encoder = create_encoder(ENCODER_NAME, pretrained=False, resolution=images.shape[-1],
+                             weights=init, **(encoder_kwargs or {}))
+    encoder.model.float().requires_grad_(True).train()
     heads = TeacherHeads(encoder.embed_dim, num_classes=int(labels.max()) + 1)
     params = [p for p in list(encoder.model.parameters()) + list(heads.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -569,6 +597,8 @@ def train_teacher(
         "weights_dtype": str(weights_dtype).replace("torch.", "") if weights_dtype is not None else "float32",
         "encoder_kwargs": dict(encoder_kwargs or {}),
     }
+    if init_record is not None:
+        record["init"] = init_record
     acc = _evaluate(encoder, data, images, labels, eval_limit, pixel_baseline, progress, record) if evaluate else None
     return TeacherResult(encoder, acc, record)
 
@@ -655,6 +685,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-weight", type=float, default=DEFAULT_DENSE_WEIGHT,
                         help="weight of the patch-token (dense) term of the SSL objectives (0 disables it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None, metavar="FILE",
+                        help="start from these weights (.safetensors, e.g. a saved teacher) instead of random ones")
     parser.add_argument("--out", default=None, help="weights file to write (default: $REPA_HOME/encoders/fmnist-vit.safetensors)")
     parser.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16, half the size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -673,13 +705,14 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights_dtype=torch.float32 if args.fp32 else torch.float16,
         progress=not args.no_progress,
+        init=args.init,
     )
     command = _command_line(
         data=args.data, objective=args.objective, epochs=args.epochs, minutes=args.minutes,
         batch_size=args.batch_size if args.batch_size != DEFAULT_BATCH_SIZE else None,
         lr=args.lr if args.lr != DEFAULT_LR else None,
         dense_weight=args.dense_weight if args.dense_weight != DEFAULT_DENSE_WEIGHT else None,
-        seed=args.seed, out=args.out, fp32=args.fp32,
+        seed=args.seed, init=args.init, out=args.out, fp32=args.fp32,
     )
     path = save_teacher(result, args.out, command=command)
     print(_report(result, path))  # the command's result, on stdout
