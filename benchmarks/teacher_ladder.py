@@ -71,6 +71,14 @@ def teacher_file(name: str, folder: Path) -> Path:
     return folder / f"fmnist-vit-{name}.safetensors"
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (records stay machine-independent)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def ensure_teachers(folder: Path, names: Sequence[str], data: Optional[str], tiny: bool, progress: bool) -> None:
     """Train the missing teachers among ``names`` (``repa teacher`` settings; tiny: a few steps on 256 images)."""
     from repa.sit.teacher import save_teacher, train_teacher
@@ -81,14 +89,14 @@ def ensure_teachers(folder: Path, names: Sequence[str], data: Optional[str], tin
             continue
         path, settings = teacher_file(name, folder), dict(TRAINED[name])
         if settings.get("init") == "shipped":
-            settings["init"] = str(SHIPPED)
+            settings["init"] = shown(SHIPPED)
         print(f"training teacher {name}: " + ", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
         extra: Dict[str, Any] = dict(max_steps=3, train_limit=256, eval_limit=200, batch_size=64) if tiny else {}
         result = train_teacher(data, seed=0, progress=progress, **settings, **extra)
         words = ["repa", "teacher"]
         for key, value in settings.items():
             words += ["--" + key.replace("_", "-"), str(value)]
-        save_teacher(result, path, command=shlex.join([*words, "--seed", "0", "--out", str(path)]))
+        save_teacher(result, path, command=shlex.join([*words, "--seed", "0", "--out", shown(path)]))
 
 
 def variants(folder: Path, names: Sequence[str], unconditional: bool = False) -> List[str]:
@@ -101,7 +109,7 @@ def variants(folder: Path, names: Sequence[str], unconditional: bool = False) ->
         elif name == "shipped":
             out.append(f"shipped:{setting}")
         else:
-            out.append(f"{name}:teacher_weights={teacher_file(name, folder)},{setting}")
+            out.append(f"{name}:teacher_weights={shown(teacher_file(name, folder))},{setting}")
     return out
 
 
@@ -134,13 +142,22 @@ def kept_rows(previous: Optional[Dict[str, Any]], ran: Sequence[str], vanilla_cu
     return kept
 
 
+def teacher_records(previous: Optional[Dict[str, Any]], folder: Path, names: Sequence[str]) -> Dict[str, Any]:
+    """The training records of the trained teachers among ``names`` (from ``folder``, else the earlier ladder)."""
+    records = {n: r for n, r in (previous or {}).get("teacher_records", {}).items() if n in names}
+    for n in names:
+        if n in TRAINED and teacher_file(n, folder).with_suffix(".json").is_file():
+            records[n] = json.loads(teacher_file(n, folder).with_suffix(".json").read_text())
+    return records
+
+
 def teacher_quality(name: str, folder: Path, cfg: conv.ConvConfig, data: Dict[str, torch.Tensor],
                     known: Dict[str, Any]) -> Dict[str, Any]:
     """kNN and linear-probe accuracy of one rung's teacher (the same measurement convergence.py prints).
 
     ``known``: the sweep's teacher records; a teacher it measured is not measured again.
     """
-    key = {"random": "random", "shipped": "trained"}.get(name, f"file:{teacher_file(name, folder)}")
+    key = {"random": "random", "shipped": "trained"}.get(name, f"file:{shown(teacher_file(name, folder))}")
     t = known.get(key) or conv._build_teacher(key, cfg, data, log=lambda *a: None)
     return {"knn_accuracy": t["knn_accuracy"], "linear_probe_accuracy": t["linear_probe_accuracy"], "weights": t["weights"]}
 
@@ -261,9 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               data["test_images"].flatten(1).float(), data["test_labels"], min(20, data["train_images"].shape[0]))
     ladder = {"format": FORMAT, "command": command, "unconditional": args.unconditional, "pixel_knn_accuracy": pixels,
               "evaluation": result["evaluation"], "rows": rows, "kept_from_earlier": [r["teacher"] for r in kept],
-              "teacher_records": {**(previous or {}).get("teacher_records", {}),
-                                  **{n: json.loads(teacher_file(n, folder).with_suffix(".json").read_text())
-                                     for n in TRAINED if teacher_file(n, folder).with_suffix(".json").is_file()}},
+              "teacher_records": teacher_records(previous, folder, [r["teacher"] for r in rows]),
               "total_seconds": time.perf_counter() - t_start}
     write_json(ladder, str(out / "ladder.json"))
     png = plot(rows, pixels, out / "gain_vs_teacher.png", args.unconditional)

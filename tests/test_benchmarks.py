@@ -506,6 +506,27 @@ def test_teacher_ladder_keeps_earlier_rows_only_over_the_same_vanilla_curve(caps
     assert not tl.same_curves(vanilla, [[{"step": 300, "fd": 188.25}, {"step": 900, "fd": 91.5}]])
 
 
+def test_teacher_ladder_records_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import teacher_ladder as tl
+
+    (tmp_path / "here" / "teachers").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    folder = tmp_path / "here" / "teachers"
+    assert tl.shown(tl.teacher_file("ssl-12ep", folder)) == os.path.join("teachers", "fmnist-vit-ssl-12ep.safetensors")
+    assert tl.shown(tmp_path / "elsewhere.safetensors") == str(tmp_path / "elsewhere.safetensors")
+    assert tl.variants(folder, ["shipped", "ssl-12ep"]) == [
+        "shipped:proj_coeff=4.0,projector_dim=128",
+        f"ssl-12ep:teacher_weights={os.path.join('teachers', 'fmnist-vit-ssl-12ep.safetensors')},proj_coeff=4.0,projector_dim=128"]
+    # teacher records: only the rungs in the table; the folder's record replaces the earlier ladder's
+    tl.teacher_file("ssl-12ep", folder).with_suffix(".json").write_text(json.dumps({"knn_accuracy": 0.86}))
+    tl.teacher_file("ssl-1ep", folder).with_suffix(".json").write_text(json.dumps({"knn_accuracy": 0.8}))
+    previous = {"teacher_records": {"ssl-12ep": {"knn_accuracy": 0.5}, "supervised-ft": {"knn_accuracy": 0.89},
+                                    "supervised-2ep": {"knn_accuracy": 0.82}}}
+    assert tl.teacher_records(previous, folder, ["shipped", "ssl-12ep", "supervised-ft"]) == {
+        "ssl-12ep": {"knn_accuracy": 0.86}, "supervised-ft": {"knn_accuracy": 0.89}}
+
+
 def test_demo_eval_scores_a_repa_train_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "repa.cli", "train", "--max-train-steps", "1", "--checkpointing-steps", "1",
