@@ -170,7 +170,7 @@ def test_overhead_rejects_bad_options(tmp_path):
 # ------------------------------------------------------------------------ gpu_benchmark.py
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_gpu_benchmark_tiny_runs_compile_off_and_on(gpu_tiny):
     data = gpu_tiny["json"]
     runs = data["runs"]
@@ -314,7 +314,7 @@ def test_summary_speedups_by_hand(conv_module):
     assert repa["speedup_steps_per_seed"] == pytest.approx([2.0, 1.5])
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_convergence_tiny_runs_every_arm_and_resumes(tmp_path):
     out = tmp_path / "conv"
     args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress"]
@@ -418,7 +418,7 @@ def test_sweep_speedups_by_hand(sweep_module):
     assert never["steps_to_vanilla_final"] is None and never["speedup_steps"] is None
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_sweep_tiny_runs_and_reuses_the_shared_vanilla(tmp_path):
     out = tmp_path / "sweep"
     args = ["--tiny", "--out", str(out), "--evaluator-dir", str(tmp_path / "ev"), "--no-progress",
@@ -444,7 +444,7 @@ def test_sweep_tiny_runs_and_reuses_the_shared_vanilla(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_convergence_unconditional_and_decay_run_and_record_the_readouts(tmp_path):
     out = tmp_path / "conv"
     args = ["--tiny", "--seeds", "1", "--arms", "vanilla,repa", "--unconditional", "--weight-schedule", "cosine-decay",
@@ -528,7 +528,7 @@ def test_teacher_ladder_records_paths_relative_to_the_working_directory(tmp_path
         "ssl-12ep": {"knn_accuracy": 0.86}, "supervised-ft": {"knn_accuracy": 0.89}}
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_demo_eval_scores_a_repa_train_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "repa.cli", "train", "--max-train-steps", "1", "--checkpointing-steps", "1",

@@ -260,7 +260,7 @@ def _build_worker(rank, world, init_file, idx, out, report_dir):
     exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_write_disjoint_shards_equal_to_one_process(idx_folder, tmp_path):
     out2 = tmp_path / "two"

@@ -137,7 +137,7 @@ def test_dataloader_workers_raise_the_error_and_share_the_verification(cache):
             pass
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_repa_train_on_a_damaged_cache_stops_before_training(cache, tmp_path):
     """Before: NaN targets trained to NaN losses with exit 0. Now the first read stops the run."""
     from repa.sit.train import train

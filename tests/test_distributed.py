@@ -80,7 +80,7 @@ def _worker(rank, world, init_file, mode, out_dir):
     exit_spawned_worker()  # only after success: see tiny_models.exit_spawned_worker
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["wrap-both", "attach"])
 def test_ddp_two_processes_equal_one_process(tmp_path, mode):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), mode, str(tmp_path)), nprocs=2, join=True)

@@ -80,7 +80,7 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(HOOKED)
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(HOOKED))
 def test_example_tiny_runs_offline_on_cpu(script, tmp_path):
     result = run_example(script, "--tiny", "--steps", "2", home=tmp_path)
@@ -106,7 +106,7 @@ for script in sys.argv[1:]:
 """
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_examples_without_tiny_ask_for_the_encoder_weights(tmp_path):
     """Each script's own ``__main__`` runs (one interpreter for all of them, to share the imports)."""
     scripts = [str(EXAMPLES / name) for name in sorted(HOOKED)]
@@ -125,7 +125,7 @@ def test_examples_without_tiny_ask_for_the_encoder_weights(tmp_path):
         assert "Traceback" not in stderr, name
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_custom_loop_checkpoint_holds_the_projectors(tmp_path):
     out = tmp_path / "run"
     result = run_example("custom_loop.py", "--tiny", "--steps", "1", "--out", str(out), home=tmp_path)
@@ -170,7 +170,7 @@ def plain_training(example, steps: int, weight) -> float:
     return float(sum(p.detach().double().sum() for p in reg.parameters()))
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop(tmp_path):
     """REPA stops after step 1: the zero it returns must keep DDP from seeing unused parameters."""
@@ -184,7 +184,7 @@ def test_accelerate_two_processes_match_plain_training_and_survive_the_repa_stop
     assert checksum(two.stdout) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_plain_unsharded_training(tmp_path):
     """FSDP2 on 2 gloo processes == the same 3 steps without any sharding, in this process."""

@@ -97,7 +97,7 @@ def test_vae_objective_on_a_tiny_latent_run(tmp_path, one_thread):
 
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_convergence_benchmark_runs_the_encoder_free_arms(tmp_path):
     """The benchmark's Dispersive, SRA and REPA + Dispersive arms run (tiny mode: numbers mean nothing)."""
     import json

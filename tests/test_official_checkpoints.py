@@ -263,7 +263,7 @@ def test_init_from_loads_model_ema_and_projectors(official):
         init_from_official(official["files"]["bare"], small, reg2, ema2)
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_repa_train_init_from_a_training_checkpoint(official, tmp_path):
     from repa.sit.train import add_arguments, config_from_args, train
 

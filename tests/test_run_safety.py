@@ -123,7 +123,7 @@ def test_train_refuses_a_folder_another_process_trains_in(tmp_path, idx_data, on
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_group_signal_with_workers_saves_exits_0_and_resumes(tmp_path, sig):
     data = write_synthetic_idx(tmp_path / "data", n=64)
@@ -163,7 +163,7 @@ def test_group_signal_with_workers_saves_exits_0_and_resumes(tmp_path, sig):
     assert load_checkpoint(latest_checkpoint(run))["step"] == stopped + 2
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_group_signal_under_torchrun_two_ranks_agree_save_and_resume(tmp_path):
     data = write_synthetic_idx(tmp_path / "data", n=64)
@@ -422,7 +422,7 @@ def test_an_output_folder_made_with_other_settings_is_refused(checkpoint, tmp_pa
     assert "FolderInUseError" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_a_killed_sampling_run_resumes_to_the_same_images(checkpoint, tmp_path):
     args = [sys.executable, "-m", "repa.cli", "sample", "--ckpt", str(checkpoint), "--no-progress", "--mode", "ode",
             "--steps", "400", "--num-samples", "12", "--per-proc-batch", "1"]

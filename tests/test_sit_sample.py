@@ -65,7 +65,7 @@ def test_ode_samples_do_not_depend_on_batching_and_missing_ones_are_filled_in(ch
     assert not np.array_equal(a, d)
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_write_the_same_npz_as_one(checkpoint, tmp_path):
     one = _sample(checkpoint, tmp_path / "one", "--num-samples", "6", "--mode", "ode", "--steps", "3")

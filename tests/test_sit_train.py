@@ -313,7 +313,7 @@ def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 9-25 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process(tmp_path):
     data = write_synthetic_idx(tmp_path / "data", n=128)

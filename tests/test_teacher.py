@@ -304,7 +304,7 @@ def _cosine_knn(bank, bank_labels, queries, query_labels, k=20, classes=10):
     return correct / len(queries)
 
 
-@pytest.mark.slow  # 20-50 s on a 2-core machine (pytest --durations); run by CI with -m slow
+@pytest.mark.slow
 def test_shipped_teacher_is_self_supervised_and_beats_raw_pixels(fashion_mnist_dir):
     """The record beside the shipped weights, and an independent re-measurement on a subset."""
     from repa.sit.data import load_idx_split
